@@ -1,0 +1,133 @@
+"""Command line: parse arguments, build a config, call one stage or the pipeline.
+
+    noisystudent run CONFIG.yaml [key=value ...]      the whole loop (resumes if re-run)
+    noisystudent demo [key=value ...]                 built-in digits data, teacher + 2 students
+    noisystudent train-teacher CONFIG [key=value ...]
+    noisystudent pseudo-label  CONFIG [--iteration I] [key=value ...]
+    noisystudent select        CONFIG [--iteration I] [key=value ...]
+    noisystudent train-student CONFIG [--iteration I] [key=value ...]
+    noisystudent evaluate      CONFIG [--iteration I] [key=value ...]
+    noisystudent split SRC OUT --labels-per-class N [--seed S]
+
+CONFIG is a YAML file or an existing run directory (its config.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import load_config
+from .errors import UserError
+
+DEMO_CONFIG = {
+    "run_dir": "runs/demo",
+    "models": ["cifar_resnet8", "cifar_resnet14", "cifar_resnet20"],
+    "data": {"dataset": "digits", "image_size": 16, "labels_per_class": 10, "hflip": False},
+    "teacher": {"epochs": 60, "batch_size": 32, "lr": 0.05, "warmup_epochs": 3},
+    "student": {
+        "epochs": 20,
+        "batch_size": 32,
+        "ratio": 3,
+        "lr": 0.05,
+        "randaugment": "rand-m9-n2",
+        "drop_rate": 0.3,
+        "drop_path_rate": 0.2,
+    },
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="noisystudent", description="Noisy Student Training for PyTorch."
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def with_config(name: str, help: str, iteration: int | None = None) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help)
+        s.add_argument("config", help="YAML config file or an existing run directory")
+        if iteration is not None:
+            s.add_argument(
+                "--iteration", type=int, default=iteration, help=f"iteration (default {iteration})"
+            )
+        s.add_argument("overrides", nargs="*", help="config overrides, e.g. teacher.epochs=5")
+        return s
+
+    with_config("run", "run (or resume) the whole Noisy Student loop")
+    d = sub.add_parser("demo", help="built-in digits dataset: teacher + two student iterations")
+    d.add_argument("overrides", nargs="*", help="config overrides, e.g. run_dir=runs/demo2")
+    with_config("train-teacher", "train the first teacher (iteration 0) on labeled data")
+    with_config("pseudo-label", "label the unlabeled data with model I (no noise)", 0)
+    with_config("select", "filter and balance model I's pseudo labels", 0)
+    with_config("train-student", "train student I on labeled + model I-1's pseudo labels", 1)
+    with_config("evaluate", "test accuracy of model I", 0)
+    sp = sub.add_parser(
+        "split", help="labeled class folders -> labeled.tsv + unlabeled.tsv index files"
+    )
+    sp.add_argument("src", help="class-folder dataset (ImageFolder layout)")
+    sp.add_argument("out", help="folder for labeled.tsv, unlabeled.tsv, split.json")
+    sp.add_argument("--labels-per-class", type=int, required=True)
+    sp.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _main(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd == "split":
+        from .data import split_dataset
+
+        info = split_dataset(args.src, args.out, args.labels_per_class, args.seed)
+        print(
+            f"wrote {args.out}/labeled.tsv ({info['labeled']} images) and {args.out}/unlabeled.tsv "
+            f"({info['unlabeled']} images); use them as data.labeled and data.unlabeled"
+        )
+        return 0
+
+    from .pipeline import open_run, run_pipeline
+
+    cfg = (
+        load_config(None, args.overrides, base=DEMO_CONFIG)
+        if args.cmd == "demo"
+        else load_config(args.config, args.overrides)
+    )
+    if args.cmd in ("run", "demo"):
+        run_pipeline(cfg)
+        return 0
+
+    from . import stages
+
+    run = open_run(cfg)
+    data = stages.load_data(cfg, run)
+    i = getattr(args, "iteration", 0)
+    if not 0 <= i < len(cfg.models):
+        raise UserError(f"--iteration {i} is outside models[0..{len(cfg.models) - 1}]")
+    if args.cmd == "train-teacher":
+        stages.train_stage(cfg, run, data, 0)
+    elif args.cmd == "train-student":
+        if i < 1:
+            raise UserError("train-student needs --iteration >= 1 (iteration 0 is the teacher)")
+        stages.train_stage(cfg, run, data, i)
+    elif args.cmd == "pseudo-label":
+        stages.pseudo_label_stage(cfg, run, data, i)
+    elif args.cmd == "select":
+        stages.select_stage(cfg, run, data, i)
+    elif args.cmd == "evaluate":
+        res = stages.evaluate_stage(cfg, run, data, i)
+        print(f"{cfg.models[i]}: test top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
+    stages.write_summary(cfg, run)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except UserError as e:
+        print(f"noisystudent: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("noisystudent: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,268 @@
+"""Configuration: defaults < YAML file < command-line `key=value` overrides.
+
+Every section is a dataclass, so the defaults and their reasons live next to each other, and an
+unknown or mistyped key is an error naming the key (never silently ignored). The fully resolved
+config is saved as `config.yaml` in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "folder"  # "folder" (class folders / split index files) or "digits" (built in)
+    labeled: str | None = (
+        None  # class-folder dir, or a `labeled.tsv` written by `noisystudent split`
+    )
+    unlabeled: str | None = None  # dir searched recursively, or an `unlabeled.tsv`
+    test: str | None = None  # class-folder dir with the same classes as `labeled`
+    image_size: int = 32  # training/eval resolution (square)
+    hflip: bool = True  # random horizontal flip in training (off for digits: 2 vs 5)
+    labels_per_class: int = 10  # digits only: labeled images per class
+    cache_dir: str | None = None  # uint8 decode cache for small images; default: <run_dir>/cache
+    num_workers: int = 0  # DataLoader workers (0: in the main process)
+    on_bad_image: str = "skip"  # unlabeled set: "skip" unreadable files (and list them) or "error"
+
+
+@dataclass
+class TrainConfig:
+    """One model's training recipe; `teacher` and `student` each have one."""
+
+    epochs: int = 30
+    batch_size: int = 64  # labeled images per step
+    optimizer: str = "sgd"  # "sgd" (nesterov momentum) or "adamw"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to 0
+    label_smoothing: float = 0.0
+    randaugment: str | None = (
+        None  # timm RandAugment string, e.g. "rand-m9-n2"; None: crop/flip only
+    )
+    drop_rate: float | None = None  # dropout before the classifier; None: the model's default
+    drop_path_rate: float | None = None  # stochastic depth at the last block; None: model default
+    ratio: int = 3  # student only: unlabeled batch = ratio x labeled batch, one forward pass
+    unlabeled_weight: float | None = None  # student only: weight of the unlabeled loss; None: ratio
+    init: str = "scratch"  # student only: "scratch" (paper default) or "teacher"
+
+
+def _default_teacher() -> TrainConfig:
+    return TrainConfig()
+
+
+def _default_student() -> TrainConfig:
+    # Noise on the student only (paper sec. 2): RandAugment, dropout, stochastic depth.
+    # drop_path 0.2: paper "survival probability 0.8 at the final layer".
+    return TrainConfig(randaugment="rand-m9-n2", drop_rate=0.3, drop_path_rate=0.2)
+
+
+@dataclass
+class PseudoConfig:
+    mode: str = "soft"  # "soft": softmax(logits / T); "hard": one-hot argmax
+    temperature: float = 1.0  # reference scripts use T = 1
+    topk: int | None = (
+        None  # probabilities stored per image; None: all classes when <= 100, else 10
+    )
+    batch_size: int = 256
+
+
+@dataclass
+class SelectConfig:
+    threshold: float = 0.3  # paper: drop images whose max probability is below 0.3
+    balance: bool = True  # equalise per-class counts (keep top-K most confident / duplicate)
+    per_class: int | None = None  # K; None: mean per-class count after filtering
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    # One model per iteration: models[0] is the first teacher, models[i] the i-th student.
+    models: list[str] = field(
+        default_factory=lambda: ["cifar_resnet8", "cifar_resnet14", "cifar_resnet20"]
+    )
+    allow_smaller_student: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TrainConfig = field(default_factory=_default_teacher)
+    student: TrainConfig = field(default_factory=_default_student)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    eval_batch_size: int = 256
+    progress: bool = True  # tqdm progress bars
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Keys that change how fast or how loudly a run goes, never its results: a run directory may be
+# resumed with different values for these.
+RUNTIME_KEYS = {"device", "progress", "data.num_workers", "eval_batch_size", "pseudo.batch_size"}
+
+CHOICES = {
+    "data.dataset": ("folder", "digits"),
+    "data.on_bad_image": ("skip", "error"),
+    "teacher.optimizer": ("sgd", "adamw"),
+    "student.optimizer": ("sgd", "adamw"),
+    "teacher.init": ("scratch", "teacher"),
+    "student.init": ("scratch", "teacher"),
+    "pseudo.mode": ("soft", "hard"),
+}
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one value against its annotated type; raise UserError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise UserError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            raise UserError(f"config key '{key}' must be a string, got null")
+        return str(value)
+    return value
+
+
+def _unknown_key(key: str, valid: list[str]) -> UserError:
+    close = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return UserError(f"unknown config key '{key}'{hint}; valid keys here: {', '.join(valid)}")
+
+
+def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(updates, dict):
+        raise UserError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in fields(obj)]
+    for name, value in updates.items():
+        key = prefix + str(name)
+        if name not in names:
+            raise _unknown_key(key, names)
+        tp = hints[name]
+        if _is_dataclass_type(tp):
+            _apply(getattr(obj, name), value, key + ".")
+            continue
+        value = _coerce(value, tp, key)
+        if key in CHOICES and value not in CHOICES[key]:
+            raise UserError(f"config key '{key}' must be one of {CHOICES[key]}, got {value!r}")
+        setattr(obj, name, value)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["teacher.epochs=5", "models=[resnet8,resnet14]"]` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"override '{item}' must look like key=value (e.g. teacher.epochs=5)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _validate(cfg: Config) -> None:
+    if len(cfg.models) < 1:
+        raise UserError("config key 'models' needs at least one model (the first teacher)")
+    for key in ("teacher", "student"):
+        t: TrainConfig = getattr(cfg, key)
+        if t.epochs < 1 or t.batch_size < 1 or t.ratio < 1:
+            raise UserError(f"config '{key}': epochs, batch_size and ratio must be >= 1")
+        if t.randaugment is not None and not str(t.randaugment).startswith("rand"):
+            raise UserError(
+                f"config key '{key}.randaugment' must be a timm RandAugment string like "
+                f"'rand-m9-n2', got {t.randaugment!r}"
+            )
+    if not 0.0 <= cfg.select.threshold <= 1.0:
+        raise UserError("config key 'select.threshold' must be in [0, 1]")
+    if cfg.pseudo.temperature <= 0:
+        raise UserError("config key 'pseudo.temperature' must be > 0")
+    if cfg.data.image_size < 8:
+        raise UserError("config key 'data.image_size' must be >= 8")
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Build a Config: defaults, then `base` (a preset such as the demo's), then the YAML file
+    (if any), then `key=value` overrides."""
+    cfg = Config()
+    if base:
+        _apply(cfg, base)
+    if path is not None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.yaml"
+        if not path.is_file():
+            raise UserError(f"config file '{path}' not found; pass a YAML file or a run directory")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(
+                f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}"
+            ) from None
+        _apply(cfg, data)
+    if overrides:
+        _apply(cfg, parse_overrides(overrides))
+    _validate(cfg)
+    return cfg
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Keys (dotted) whose values differ and that can change results."""
+    fa, fb = flatten(a), flatten(b)
+    keys = sorted(set(fa) | set(fb))
+    return [k for k in keys if fa.get(k) != fb.get(k) and k not in RUNTIME_KEYS]

@@ -1,0 +1,326 @@
+"""Image sets: class folders, unlabeled folders, split index files, the built-in digits set,
+and the uint8 decode cache for small images.
+
+An `ImageSet` is a list of images with a stable `uid` each (the path relative to its root),
+an integer label per image (-1 where unknown: hidden labels of unlabeled images are kept only to
+audit pseudo labels), and either file paths (decoded per access) or a uint8 array (N, H, W, 3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from .errors import UserError
+from .rundir import atomic_write, write_json
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+SMALL_IMAGE_MAX = 64  # at or below this resolution, images are decoded once into a uint8 cache
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey image
+
+
+@dataclass
+class ImageSet:
+    classes: list[str]
+    uids: list[str]
+    labels: np.ndarray  # (N,) int64, -1 = unknown
+    paths: list[Path] | None = None  # file-backed
+    array: np.ndarray | None = None  # (N, H, W, 3) uint8, memory-backed
+    skipped: list[str] = field(default_factory=list)  # uids of unreadable files that were skipped
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    def subset(self, idx: np.ndarray) -> ImageSet:
+        idx = np.asarray(idx, dtype=np.int64)
+        return ImageSet(
+            classes=self.classes,
+            uids=[self.uids[i] for i in idx],
+            labels=self.labels[idx],
+            paths=None if self.paths is None else [self.paths[i] for i in idx],
+            array=None if self.array is None else self.array[idx],
+        )
+
+    def image(self, i: int) -> Image.Image:
+        if self.array is not None:
+            return Image.fromarray(self.array[i])
+        assert self.paths is not None
+        return load_rgb(self.paths[i])
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB. 16-bit and 32-bit grayscale are scaled by their range,
+    palette and alpha images are composited on white (transparent areas become background)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = np.clip(a * (255.0 if a.max() <= 1.0 else 1.0) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, img).convert("RGB")
+    if img.mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image file fully (so a truncated file fails here) and convert it to RGB."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise BadImage(f"cannot read image '{path}': {type(e).__name__}: {e}") from None
+
+
+class BadImage(UserError):
+    pass
+
+
+def resize_center(img: Image.Image, size: int) -> Image.Image:
+    """Eval view: resize the shorter side to `size`, then center-crop to size x size."""
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+# ---------------------------------------------------------------------------------------------
+# scanning
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+
+
+def scan_class_folders(root: str | Path, what: str = "labeled") -> ImageSet:
+    """torchvision ImageFolder layout: root/<class>/<image>; classes = sorted folder names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{what} data folder '{root}' does not exist; check data.{what}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise UserError(
+            f"{what} data folder '{root}' has no class sub-folders; expected {root}/<class>/<image>"
+        )
+    uids, labels, paths = [], [], []
+    for ci, c in enumerate(classes):
+        files = sorted(p for p in (root / c).rglob("*") if p.is_file() and _is_image(p))
+        if not files:
+            raise UserError(
+                f"{what} class folder '{root / c}' holds no images; add some or remove the folder"
+            )
+        for p in files:
+            uids.append(p.relative_to(root).as_posix())
+            labels.append(ci)
+            paths.append(p)
+    return ImageSet(classes, uids, np.asarray(labels, dtype=np.int64), paths=paths)
+
+
+def scan_unlabeled(root: str | Path, classes: list[str]) -> ImageSet:
+    """All images under root (recursively). uid = relative path. If an image sits under a folder
+    named like a class, that class is kept as a hidden label for auditing pseudo labels only."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"unlabeled data folder '{root}' does not exist; check data.unlabeled")
+    cidx = {c: i for i, c in enumerate(classes)}
+    files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p))
+    if not files:
+        raise UserError(f"unlabeled data folder '{root}' holds no images")
+    uids = [p.relative_to(root).as_posix() for p in files]
+    labels = [cidx.get(u.split("/")[0], -1) if "/" in u else -1 for u in uids]
+    return ImageSet(classes, uids, np.asarray(labels, dtype=np.int64), paths=files)
+
+
+# ---------------------------------------------------------------------------------------------
+# split index files (`noisystudent split`)
+INDEX_HEADER = "# noisystudent index v1"
+
+
+def write_index(path: Path, root: Path, classes: list[str], rows: list[tuple[str, str]]) -> None:
+    lines = [INDEX_HEADER, f"# root: {root.resolve()}", f"# classes: {json.dumps(classes)}"]
+    lines += [f"{uid}\t{c}" for uid, c in rows]
+    atomic_write(path, lambda p: p.write_text("\n".join(lines) + "\n"))
+
+
+def read_index(path: str | Path, what: str) -> ImageSet:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} index file '{path}' does not exist; check data.{what}")
+    lines = path.read_text().splitlines()
+    if not lines or lines[0] != INDEX_HEADER:
+        raise UserError(f"'{path}' is not a noisystudent index file (made by `noisystudent split`)")
+    root = Path(lines[1].split(": ", 1)[1])
+    classes = json.loads(lines[2].split(": ", 1)[1])
+    cidx = {c: i for i, c in enumerate(classes)}
+    uids, labels = [], []
+    for line in lines[3:]:
+        if not line.strip():
+            continue
+        uid, c = line.split("\t")
+        uids.append(uid)
+        labels.append(cidx.get(c, -1))
+    paths = [root / u for u in uids]
+    return ImageSet(classes, uids, np.asarray(labels, dtype=np.int64), paths=paths)
+
+
+def split_dataset(src: str | Path, out: str | Path, labels_per_class: int, seed: int = 0) -> dict:
+    """Standard SSL protocol: N labels per class (seeded), the rest unlabeled (labels hidden, kept
+    only to audit pseudo labels). Writes out/labeled.tsv, out/unlabeled.tsv, out/split.json."""
+    full = scan_class_folders(src, "source")
+    rng = np.random.default_rng(seed)
+    lab_idx = []
+    for ci, c in enumerate(full.classes):
+        idx = np.flatnonzero(full.labels == ci)
+        if len(idx) < labels_per_class:
+            raise UserError(
+                f"class '{c}' in '{src}' has {len(idx)} images, fewer than --labels-per-class {labels_per_class}"
+            )
+        lab_idx.extend(rng.choice(idx, labels_per_class, replace=False).tolist())
+    lab = np.zeros(len(full), dtype=bool)
+    lab[lab_idx] = True
+    out = Path(out)
+    rows = lambda mask: [(full.uids[i], full.classes[full.labels[i]]) for i in np.flatnonzero(mask)]  # noqa: E731
+    write_index(out / "labeled.tsv", Path(src), full.classes, rows(lab))
+    write_index(out / "unlabeled.tsv", Path(src), full.classes, rows(~lab))
+    info = {
+        "source": str(Path(src).resolve()),
+        "labels_per_class": labels_per_class,
+        "seed": seed,
+        "labeled": int(lab.sum()),
+        "unlabeled": int((~lab).sum()),
+        "classes": full.classes,
+    }
+    write_json(out / "split.json", info)
+    return info
+
+
+def load_set(spec: str | Path, what: str, classes: list[str] | None = None) -> ImageSet:
+    """A class-folder dir, an index file, or (unlabeled only) any folder of images."""
+    p = Path(spec)
+    if p.suffix == ".tsv" or p.is_file():
+        s = read_index(p, what)
+        if classes is not None and s.classes != classes:
+            raise UserError(
+                f"{what} index '{p}' has classes {s.classes}, but labeled data has {classes}"
+            )
+        return s
+    if what == "unlabeled":
+        return scan_unlabeled(p, classes or [])
+    return scan_class_folders(p, what)
+
+
+# ---------------------------------------------------------------------------------------------
+# uint8 decode cache
+def fingerprint(s: ImageSet, size: int) -> str:
+    """Identity of a file-backed set at a resolution: uids, sizes and mtimes of its files."""
+    h = hashlib.sha1(f"v1|{size}|".encode())
+    assert s.paths is not None
+    for uid, p in zip(s.uids, s.paths, strict=True):
+        try:
+            st = os.stat(p)
+            h.update(f"{uid}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{uid}|missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+def decode_to_array(
+    s: ImageSet,
+    size: int,
+    cache_dir: str | Path | None,
+    what: str,
+    skip_bad: bool,
+    progress: bool = False,
+) -> ImageSet:
+    """Decode every image once to the eval view at `size` and cache it as uint8 (N, size, size, 3).
+
+    Unreadable files are skipped (and listed in `skipped`) when `skip_bad`, else an error naming the
+    file. Re-runs with unchanged files load the cache instead of decoding again.
+    """
+    if s.array is not None:
+        return s
+    fp = fingerprint(s, size)
+    cache = Path(cache_dir) / f"{what}-{fp}.npz" if cache_dir else None
+    if cache is not None and cache.is_file():
+        try:
+            with np.load(cache) as z:
+                keep = z["keep"]
+                arr = z["images"]
+            out = s.subset(np.flatnonzero(keep))
+            out.paths = None
+            out.array = arr
+            out.skipped = [u for u, k in zip(s.uids, keep, strict=True) if not k]
+            return out
+        except Exception:
+            cache.unlink(missing_ok=True)  # a damaged cache is rebuilt, never trusted
+    from tqdm import tqdm
+
+    arr = np.zeros((len(s), size, size, 3), dtype=np.uint8)
+    keep = np.ones(len(s), dtype=bool)
+    it = tqdm(range(len(s)), desc=f"decode {what}", disable=not progress, leave=False)
+    for i in it:
+        try:
+            arr[i] = np.asarray(resize_center(s.image(i), size))
+        except BadImage:
+            if not skip_bad:
+                raise
+            keep[i] = False
+    if cache is not None:
+        atomic_write(cache, lambda p: np.savez(open(p, "wb"), images=arr[keep], keep=keep))
+    out = s.subset(np.flatnonzero(keep))
+    out.paths = None
+    out.array = arr[keep]
+    out.skipped = [u for u, k in zip(s.uids, keep, strict=True) if not k]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# built-in dataset
+def digits_sets(
+    size: int, labels_per_class: int, seed: int = 0, test_fraction: float = 0.25
+) -> tuple[ImageSet, ImageSet, ImageSet]:
+    """scikit-learn's bundled handwritten digits (1,797 images, 8x8, 10 classes; nothing is
+    downloaded), upscaled bilinearly to size x size RGB, split with a fixed seed into
+    `labels_per_class` labeled images per class, a stratified held-out test set, and the rest
+    as the unlabeled pool (its labels hidden, used only to audit pseudo labels)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    imgs = (d.images / 16.0 * 255.0).round().astype(np.uint8)  # (1797, 8, 8)
+    up = np.stack(
+        [np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in imgs]
+    )
+    arr = np.repeat(up[..., None], 3, axis=3)
+    y = d.target.astype(np.int64)
+    classes = [str(c) for c in range(10)]
+    uids = [f"digits/{i:04d}" for i in range(len(y))]
+    rng = np.random.default_rng(seed)
+    test, lab = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_test = int(round(len(idx) * test_fraction))
+        test.extend(idx[:n_test])
+        lab.extend(idx[n_test : n_test + labels_per_class])
+    rest = np.setdiff1d(np.arange(len(y)), np.concatenate([test, lab]))
+    full = ImageSet(classes, uids, y, array=arr)
+    unl = full.subset(rest)
+    return full.subset(np.sort(lab)), unl, full.subset(np.sort(test))

@@ -1,0 +1,217 @@
+"""Models: any timm model by name, plus a built-in family for small (e.g. 32x32) images.
+
+Built-in names (CIFAR-style, 3 stages, global pooling, dropout before the classifier, stochastic
+depth rising linearly with block index to `drop_path_rate` at the last block):
+
+    cifar_resnet{D}   He et al. 2016 ResNet for CIFAR, D = 6n + 2 (8, 14, 20, 32, 44, 56, 110)
+    wrn{D}_{K}        Zagoruyko & Komodakis 2016 pre-activation WideResNet-D-K, D = 6n + 4
+
+Every model is wrapped in `Classifier`, which takes images in [0, 1] (or uint8 0..255) and
+normalises inside the model, so attacks and robustness code work in pixel space.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath
+
+from .errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def drop_path_schedule(rate: float, n_blocks: int) -> list[float]:
+    """Per-block stochastic-depth rate, rising linearly from 0 at the first block to `rate` at
+    the last (paper sec. 3: survival probability 0.8 at the final layer for rate 0.2)."""
+    if n_blocks <= 1:
+        return [rate] * n_blocks
+    return [rate * i / (n_blocks - 1) for i in range(n_blocks)]
+
+
+class BasicBlock(nn.Module):
+    """Post-activation ResNet block (CIFAR ResNet); `preact=True` gives the WRN block."""
+
+    def __init__(self, cin: int, cout: int, stride: int, drop_path: float, preact: bool):
+        super().__init__()
+        self.preact = preact
+        self.bn1 = nn.BatchNorm2d(cin if preact else cout)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+            self.shortcut_bn = nn.Identity() if preact else nn.BatchNorm2d(cout)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.preact:
+            o = F.relu(self.bn1(x))
+            sc = x if self.shortcut is None else self.shortcut(o)
+            o = self.conv2(F.relu(self.bn2(self.conv1(o))))
+            return sc + self.drop_path(o)
+        o = F.relu(self.bn1(self.conv1(x)))
+        o = self.bn2(self.conv2(o))
+        sc = x if self.shortcut is None else self.shortcut_bn(self.shortcut(x))
+        return F.relu(sc + self.drop_path(o))
+
+
+class SmallResNet(nn.Module):
+    """Three-stage ResNet/WRN for small images. x: (N, 3, H, W) -> logits (N, num_classes)."""
+
+    def __init__(
+        self,
+        blocks_per_stage: int,
+        widths: tuple[int, int, int],
+        num_classes: int,
+        drop_rate: float,
+        drop_path_rate: float,
+        preact: bool,
+        stem: int = 16,
+    ):
+        super().__init__()
+        self.preact = preact
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False))
+        if not preact:
+            self.stem.append(nn.BatchNorm2d(stem))
+            self.stem.append(nn.ReLU(inplace=True))
+        rates = drop_path_schedule(drop_path_rate, 3 * blocks_per_stage)
+        blocks, cin, k = [], stem, 0
+        for s, w in enumerate(widths):
+            for b in range(blocks_per_stage):
+                stride = 2 if (s > 0 and b == 0) else 1
+                blocks.append(BasicBlock(cin, w, stride, rates[k], preact))
+                cin, k = w, k + 1
+        self.blocks = nn.Sequential(*blocks)
+        self.final_bn = nn.BatchNorm2d(cin) if preact else nn.Identity()
+        self.drop_rate = drop_rate
+        self.num_features = cin
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        if self.preact:
+            x = F.relu(self.final_bn(x))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        if self.drop_rate > 0:
+            x = F.dropout(x, self.drop_rate, self.training)
+        return self.fc(x)
+
+
+def _builtin(
+    name: str, num_classes: int, drop_rate: float | None, drop_path_rate: float | None
+) -> nn.Module | None:
+    # defaults: no noise unless asked for (a teacher trained plainly, as the paper's baselines)
+    dr = 0.0 if drop_rate is None else drop_rate
+    dp = 0.0 if drop_path_rate is None else drop_path_rate
+    m = re.fullmatch(r"cifar_resnet(\d+)", name)
+    if m:
+        depth = int(m.group(1))
+        if depth < 8 or (depth - 2) % 6:
+            raise UserError(
+                f"model '{name}': cifar_resnet depth must be 6n+2 (8, 14, 20, 32, 44, 56, 110)"
+            )
+        return SmallResNet((depth - 2) // 6, (16, 32, 64), num_classes, dr, dp, preact=False)
+    m = re.fullmatch(r"wrn(\d+)_(\d+)", name)
+    if m:
+        depth, k = int(m.group(1)), int(m.group(2))
+        if depth < 10 or (depth - 4) % 6 or k < 1:
+            raise UserError(
+                f"model '{name}': WideResNet depth must be 6n+4 (10, 16, 22, 28, 40) and width >= 1"
+            )
+        return SmallResNet(
+            (depth - 4) // 6, (16 * k, 32 * k, 64 * k), num_classes, dr, dp, preact=True
+        )
+    return None
+
+
+BUILTIN_EXAMPLES = [
+    "cifar_resnet8",
+    "cifar_resnet14",
+    "cifar_resnet20",
+    "cifar_resnet32",
+    "cifar_resnet56",
+    "wrn16_1",
+    "wrn16_2",
+    "wrn28_2",
+    "wrn28_10",
+]
+
+
+class Classifier(nn.Module):
+    """Normalisation + network. Input: (N, 3, H, W) in [0, 1] float, or uint8 in 0..255."""
+
+    def __init__(self, net: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        return self.net((x - self.mean) / self.std)
+
+
+def create_model(
+    name: str, num_classes: int, drop_rate: float | None = None, drop_path_rate: float | None = None
+) -> Classifier:
+    """A built-in small-image model or any timm model by name (random init, nothing downloaded).
+    None for drop_rate/drop_path_rate keeps the model's own default."""
+    net = _builtin(name, num_classes, drop_rate, drop_path_rate)
+    if net is None:
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+            hint = f" (similar timm models: {', '.join(close)})" if close else ""
+            raise UserError(
+                f"unknown model '{name}'; use a built-in ({', '.join(BUILTIN_EXAMPLES[:5])}, ...) "
+                f"or a timm model name{hint}"
+            )
+        kwargs = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        net = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    return Classifier(net)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_params(name: str, num_classes: int) -> int:
+    """Parameter count without allocating weights (built on the meta device)."""
+    with torch.device("meta"):
+        return count_params(create_model(name, num_classes))
+
+
+def check_student_sizes(names: list[str], num_classes: int, allow_smaller: bool) -> list[int]:
+    """Paper: the student is equal-or-larger than its teacher. Refuse a smaller one unless allowed."""
+    params = [model_params(n, num_classes) for n in names]
+    for i in range(1, len(names)):
+        if params[i] < params[i - 1] and not allow_smaller:
+            raise UserError(
+                f"student models[{i}] '{names[i]}' ({params[i]:,} params) is smaller than its teacher "
+                f"'{names[i - 1]}' ({params[i - 1]:,}); use an equal-or-larger student or set "
+                f"allow_smaller_student=true"
+            )
+    return params
+
+
+def drop_path_rates(model: nn.Module) -> Iterator[float]:
+    """The stochastic-depth rates of a model's DropPath layers, in block order (for tests)."""
+    for m in model.modules():
+        if isinstance(m, BasicBlock):
+            yield m.drop_path.drop_prob if isinstance(m.drop_path, DropPath) else 0.0

@@ -1,0 +1,77 @@
+"""The whole loop: teacher -> (pseudo-label -> select -> student) x iterations, with evaluation.
+
+Every stage talks to the others through files in the run directory and is skipped when the
+manifest says it is done, so re-running the same command resumes where a run stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import Config, config_differences
+from .errors import UserError
+from .models import check_student_sizes
+from .rundir import RunDir, write_text
+from .stages import (
+    evaluate_stage,
+    format_table,
+    load_data,
+    pseudo_label_stage,
+    select_stage,
+    train_stage,
+    write_summary,
+)
+
+
+def open_run(cfg: Config) -> RunDir:
+    """Create/reuse the run directory; refuse one made with a result-changing different config."""
+    run = RunDir(cfg.run_dir)
+    path = Path(cfg.run_dir) / "config.yaml"
+    new = cfg.to_dict()
+    if path.is_file():
+        old = yaml.safe_load(path.read_text()) or {}
+        diff = config_differences(old, new)
+        if diff:
+            raise UserError(
+                f"run directory '{cfg.run_dir}' was made with a different config "
+                f"({', '.join(diff[:6])}); use a new run_dir or delete the old one"
+            )
+    write_text(path, yaml.safe_dump(new, sort_keys=False))
+    return run
+
+
+def run_pipeline(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) every stage; returns summary.json's content."""
+    run = open_run(cfg)
+    data = load_data(cfg, run)
+    params = check_student_sizes(cfg.models, len(data.classes), cfg.allow_smaller_student)
+    print(
+        f"run directory: {run.root}  |  {len(data.labeled)} labeled, {len(data.unlabeled)} "
+        f"unlabeled, {len(data.test)} test images, {len(data.classes)} classes"
+    )
+    print("models: " + " -> ".join(f"{m} ({p:,})" for m, p in zip(cfg.models, params, strict=True)))
+    last = len(cfg.models) - 1
+    for i in range(len(cfg.models)):
+        train_stage(cfg, run, data, i)
+        res = evaluate_stage(cfg, run, data, i)
+        print(
+            f"[iter {i}] {cfg.models[i]}: test top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%"
+        )
+        if i < last:
+            pseudo_label_stage(cfg, run, data, i)
+            counts = select_stage(cfg, run, data, i)
+            acc = counts["pseudo_label_acc"]
+            print(
+                f"[iter {i}] pseudo labels: kept {counts['kept_unique']}/{counts['total']} images"
+                + (f", accuracy {acc:.2f}%" if acc is not None else "")
+                + f", {counts['selected_rows']} rows after balancing"
+            )
+        write_summary(cfg, run)
+    summary = write_summary(cfg, run)
+    print()
+    print(format_table(summary))
+    print(f"\nrun directory: {run.root}")
+    return summary
