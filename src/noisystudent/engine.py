@@ -187,7 +187,8 @@ def train(
             lab_it = iter(_loader(labeled, bl, True, es, workers, drop_last=len(labeled) >= bl))
             unl_it = None
         loss_sum = torch.zeros((), device=device)
-        n_sum = 0
+        correct = torch.zeros((), device=device)  # labeled-batch top-1 hits (no per-step sync)
+        n_sum = seen = 0
         bar = tqdm(
             range(steps_per_epoch),
             desc=f"{tag} epoch {epoch + 1}/{tc.epochs}",
@@ -217,7 +218,9 @@ def train(
             sched.step()
             step += 1
             loss_sum += loss.detach()
+            correct += (logits[: len(xl)].detach().argmax(1) == yl).sum()
             n_sum += 1
+            seen += len(xl)
             if (i + 1) % log_every == 0 or i + 1 == steps_per_epoch:
                 loss_val = (loss_sum / n_sum).item()  # one host sync per `log_every` steps
                 if not math.isfinite(loss_val):
@@ -232,10 +235,12 @@ def train(
                     epoch=epoch + 1,
                     step=step,
                     loss=loss_val,
+                    train_acc=100.0 * correct.item() / max(1, seen),
                     lr=sched.get_last_lr()[0],
                 )
                 loss_sum.zero_()
-                n_sum = 0
+                correct.zero_()
+                n_sum = seen = 0
         wall = t_used + time.time() - t0
         save_tensors(ckpt, model.state_dict())
         save_state(
@@ -297,4 +302,5 @@ def evaluate(
         "top5": 100.0 * top5_hits / n,
         "n": len(ds),
         "predictions": preds.tolist(),
+        "labels": labels.tolist(),
     }
