@@ -150,7 +150,7 @@ def train(
     opt = build_optimizer(model, tc)
     bl = min(tc.batch_size, len(labeled))
     if unlabeled is not None:
-        bu = tc.batch_size * tc.ratio
+        bu = min(tc.batch_size * tc.ratio, len(unlabeled))  # a tiny selection still trains
         steps_per_epoch = max(1, len(unlabeled) // bu)
         w_u = float(tc.ratio if tc.unlabeled_weight is None else tc.unlabeled_weight)
     else:
