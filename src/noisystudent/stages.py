@@ -139,6 +139,7 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
         return
     tc = cfg.teacher if i == 0 else cfg.student
     num_classes = len(data.classes)
+    torch.manual_seed(cfg.seed * 1000 + i)  # the initial weights are a function of the seed
     model = create_model(cfg.models[i], num_classes, tc.drop_rate, tc.drop_path_rate)
     out = run.iter_dir(i)
     inputs: list[Path] = []

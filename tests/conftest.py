@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny image datasets made inside the tests (nothing downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ["blue", "green", "red"]
+
+
+def make_image(cls: int, rng: np.random.Generator, size: int = 16) -> Image.Image:
+    """A learnable synthetic image: the class's colour channel is bright, plus noise."""
+    a = rng.integers(0, 90, (size, size, 3)).astype(np.uint8)
+    a[..., 2 - cls] = rng.integers(150, 256, (size, size))  # blue=2, green=1, red=0 channel
+    return Image.fromarray(a)
+
+
+def make_class_folders(
+    root: Path, per_class: int, seed: int = 0, size: int = 16, classes: list[str] = CLASSES
+) -> Path:
+    rng = np.random.default_rng(seed)
+    for ci, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            make_image(ci, rng, size).save(root / c / f"{k:03d}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> dict[str, Path]:
+    """labeled (4/class), unlabeled (20/class, in class folders = hidden labels), test (6/class)."""
+    return {
+        "labeled": make_class_folders(tmp_path / "labeled", 4, seed=1),
+        "unlabeled": make_class_folders(tmp_path / "unlabeled", 20, seed=2),
+        "test": make_class_folders(tmp_path / "test", 6, seed=3),
+    }
+
+
+def tiny_overrides(
+    data: dict[str, Path], run_dir: Path, models: str = "[cifar_resnet8,cifar_resnet14]"
+) -> list[str]:
+    return [
+        f"run_dir={run_dir}",
+        f"data.labeled={data['labeled']}",
+        f"data.unlabeled={data['unlabeled']}",
+        f"data.test={data['test']}",
+        "data.image_size=16",
+        f"models={models}",
+        "teacher.epochs=3",
+        "teacher.batch_size=4",
+        "teacher.warmup_epochs=0",
+        "student.epochs=2",
+        "student.batch_size=4",
+        "student.ratio=2",
+        "student.warmup_epochs=0",
+        "progress=false",
+    ]

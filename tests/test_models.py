@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from noisystudent.errors import UserError
+from noisystudent.models import (
+    check_student_sizes,
+    count_params,
+    create_model,
+    drop_path_rates,
+    drop_path_schedule,
+)
+
+
+def test_drop_path_schedule_rises_linearly_to_final_rate():
+    r = drop_path_schedule(0.2, 5)
+    assert r[0] == 0.0 and r[-1] == pytest.approx(0.2)
+    assert all(b > a for a, b in zip(r, r[1:], strict=False))
+    diffs = [b - a for a, b in zip(r, r[1:], strict=False)]
+    assert max(diffs) == pytest.approx(min(diffs))  # linear in block index
+
+
+@pytest.mark.parametrize("name,blocks", [("cifar_resnet20", 9), ("wrn16_2", 6)])
+def test_builtin_models_use_the_schedule(name, blocks):
+    m = create_model(name, 10, drop_rate=0.3, drop_path_rate=0.2)
+    rates = list(drop_path_rates(m))
+    assert len(rates) == blocks
+    assert rates == pytest.approx(drop_path_schedule(0.2, blocks))
+    assert m.net.drop_rate == 0.3
+    out = m(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+
+
+def test_none_keeps_model_default():
+    m = create_model("cifar_resnet8", 3)
+    assert m.net.drop_rate == 0.0 and set(drop_path_rates(m)) == {0.0}
+    t = create_model("resnet18", 4, drop_rate=None).eval()  # any timm model, random init
+    assert t(torch.rand(1, 3, 32, 32)).shape == (1, 4)
+
+
+def test_drop_path_is_noise_in_train_mode_only():
+    torch.manual_seed(0)
+    m = create_model("cifar_resnet14", 3, drop_path_rate=0.5)
+    x = torch.rand(4, 3, 16, 16)
+    m.eval()
+    assert torch.equal(m(x), m(x))
+    m.train()
+    assert not torch.allclose(m(x), m(x))
+
+
+def test_uint8_input_is_scaled():
+    m = create_model("cifar_resnet8", 3).eval()
+    x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    assert torch.allclose(m(x), m(x.float() / 255))
+
+
+def test_param_counts_and_student_size_check():
+    small, big = create_model("cifar_resnet8", 10), create_model("cifar_resnet20", 10)
+    assert count_params(small) < count_params(big)
+    assert check_student_sizes(["cifar_resnet8", "cifar_resnet20"], 10, False) == [
+        count_params(small),
+        count_params(big),
+    ]
+    with pytest.raises(UserError, match="smaller than its teacher.*allow_smaller_student"):
+        check_student_sizes(["cifar_resnet20", "cifar_resnet8"], 10, False)
+    check_student_sizes(["cifar_resnet20", "cifar_resnet8"], 10, True)  # explicitly allowed
+
+
+def test_unknown_model_name():
+    with pytest.raises(UserError, match="unknown model 'resnet_9000'"):
+        create_model("resnet_9000", 10)
+    with pytest.raises(UserError, match="6n\\+2"):
+        create_model("cifar_resnet9", 10)
