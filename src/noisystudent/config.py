@@ -33,6 +33,8 @@ class DataConfig:
     cache_dir: str | None = None  # uint8 decode cache for small images; default: <run_dir>/cache
     num_workers: int = 0  # DataLoader workers (0: in the main process)
     on_bad_image: str = "skip"  # unlabeled set: "skip" unreadable files (and list them) or "error"
+    on_bad_labeled: str = "error"  # labeled and test sets: "error" naming the file, or "skip"
+    max_bad_fraction: float = 0.01  # skipping more than this fraction of a set stops the run
 
 
 @dataclass
@@ -55,6 +57,7 @@ class TrainConfig:
     ratio: int = 3  # student only: unlabeled batch = ratio x labeled batch, one forward pass
     unlabeled_weight: float | None = None  # student only: weight of the unlabeled loss; None: ratio
     init: str = "scratch"  # student only: "scratch" (paper default) or "teacher"
+    checkpoint_every_steps: int = 500  # also at every epoch end; a kill loses at most this many
 
 
 def _default_teacher() -> TrainConfig:
@@ -109,10 +112,13 @@ class Config:
 # Keys that change how fast or how loudly a run goes, never its results: a run directory may be
 # resumed with different values for these.
 RUNTIME_KEYS = {"device", "progress", "data.num_workers", "eval_batch_size", "pseudo.batch_size"}
+# How often a checkpoint is written changes no result (resume is exact), so it may change too.
+RUNTIME_KEYS |= {"teacher.checkpoint_every_steps", "student.checkpoint_every_steps"}
 
 CHOICES = {
     "data.dataset": ("folder", "digits"),
     "data.on_bad_image": ("skip", "error"),
+    "data.on_bad_labeled": ("error", "skip"),
     "teacher.optimizer": ("sgd", "adamw"),
     "student.optimizer": ("sgd", "adamw"),
     "teacher.init": ("scratch", "teacher"),
@@ -209,6 +215,10 @@ def _validate(cfg: Config) -> None:
         t: TrainConfig = getattr(cfg, key)
         if t.epochs < 1 or t.batch_size < 1 or t.ratio < 1:
             raise UserError(f"config '{key}': epochs, batch_size and ratio must be >= 1")
+        if t.checkpoint_every_steps < 0:
+            raise UserError(
+                f"config key '{key}.checkpoint_every_steps' must be >= 0 (0: at epoch ends only)"
+            )
         if t.randaugment is not None and not str(t.randaugment).startswith("rand"):
             raise UserError(
                 f"config key '{key}.randaugment' must be a timm RandAugment string like "
@@ -218,6 +228,8 @@ def _validate(cfg: Config) -> None:
         raise UserError("config key 'select.threshold' must be in [0, 1]")
     if cfg.pseudo.temperature <= 0:
         raise UserError("config key 'pseudo.temperature' must be > 0")
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        raise UserError("config key 'data.max_bad_fraction' must be in [0, 1]")
     if cfg.data.image_size < 8:
         raise UserError("config key 'data.image_size' must be >= 8")
 

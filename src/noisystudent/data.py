@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import UserError
-from .rundir import atomic_write, write_json
+from .rundir import atomic_write, write_json, write_text
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SMALL_IMAGE_MAX = 64  # at or below this resolution, images are decoded once into a uint8 cache
@@ -33,6 +33,9 @@ class ImageSet:
     paths: list[Path] | None = None  # file-backed
     array: np.ndarray | None = None  # (N, H, W, 3) uint8, memory-backed
     skipped: list[str] = field(default_factory=list)  # uids of unreadable files that were skipped
+    # What to do with a file found unreadable while reading it (file-backed sets, read per access
+    # in the DataLoader): None raises an error naming the file; a BadImageLog skips and counts.
+    bad_log: BadImageLog | None = None
 
     def __len__(self) -> int:
         return len(self.uids)
@@ -45,6 +48,7 @@ class ImageSet:
             labels=self.labels[idx],
             paths=None if self.paths is None else [self.paths[i] for i in idx],
             array=None if self.array is None else self.array[idx],
+            bad_log=self.bad_log,
         )
 
     def image(self, i: int) -> Image.Image:
@@ -80,17 +84,89 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image file fully (so a truncated file fails here) and convert it to RGB."""
+    """Open an image file fully (so a truncated file fails here) and convert it to RGB.
+
+    Any decoder failure (not an image, truncated, corrupt, a decompression bomb over Pillow's
+    pixel limit, a missing file) becomes `BadImage` naming the file; only MemoryError passes."""
     try:
         with Image.open(path) as img:
             img.load()
             return to_rgb(img)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise BadImage(f"cannot read image '{path}': {type(e).__name__}: {e}") from None
+    except MemoryError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Exception) as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise BadImage(f"cannot read image '{path}': {type(e).__name__}: {msg}") from None
 
 
 class BadImage(UserError):
     pass
+
+
+class BadImageLog:
+    """The unreadable images of one set and the policy for them.
+
+    `skip=False`: the first one is an error naming the file and the option that skips it.
+    `skip=True`: each is counted and listed (one uid a line) in `listing`; more than
+    `max_fraction` of the set's `total` images stops the run with an error.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        total: int,
+        skip: bool,
+        max_fraction: float,
+        listing: Path | None = None,
+        option: str = "data.on_bad_image",
+    ):
+        self.what, self.total, self.skip = what, total, skip
+        self.max_fraction, self.listing, self.option = max_fraction, listing, option
+        self.uids: list[str] = []
+        self._seen: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    def preload(self, valid: set[str]) -> None:
+        """Take over the listing a previous (killed) process wrote, for uids still in the set."""
+        if self.listing is not None and self.listing.is_file():
+            for u in self.listing.read_text().splitlines():
+                if u in valid and u not in self._seen:
+                    self.uids.append(u)
+                    self._seen.add(u)
+
+    def add(self, uid: str, reason: str = "", write: bool = True) -> None:
+        """Record one unreadable image (raises per the policy)."""
+        if uid in self._seen:
+            return
+        if not self.skip:
+            what = reason or f"cannot read {self.what} image '{uid}'"
+            raise UserError(
+                f"{what} ({self.what} data); fix or remove the file, or set {self.option}=skip to skip unreadable images"
+            )
+        self.uids.append(uid)
+        self._seen.add(uid)
+        if write:
+            self.write()
+        self.check()
+
+    def check(self) -> None:
+        if len(self.uids) > self.max_fraction * self.total:
+            where = f" (listed in {self.listing})" if self.listing else ""
+            raise UserError(
+                f"{len(self.uids)} of {self.total} {self.what} images are unreadable{where}, more "
+                f"than data.max_bad_fraction={self.max_fraction} allows; fix or remove the files, "
+                f"or raise data.max_bad_fraction"
+            )
+
+    def write(self) -> None:
+        if self.listing is None:
+            return
+        if self.uids:
+            write_text(self.listing, "\n".join(self.uids) + "\n")
+        else:
+            self.listing.unlink(missing_ok=True)
 
 
 def resize_center(img: Image.Image, size: int) -> Image.Image:
@@ -262,9 +338,12 @@ def decode_to_array(
     cache = Path(cache_dir) / f"{what}-{fp}.npz" if cache_dir else None
     if cache is not None and cache.is_file():
         try:
-            with np.load(cache) as z:
+            with np.load(cache, allow_pickle=False) as z:  # never unpickle a cache file
                 keep = z["keep"]
                 arr = z["images"]
+            ok = keep.dtype == bool and keep.shape == (len(s),) and arr.dtype == np.uint8
+            if not ok or arr.shape != (int(keep.sum()), size, size, 3):
+                raise ValueError("cache does not fit this set")
             out = s.subset(np.flatnonzero(keep))
             out.paths = None
             out.array = arr
@@ -285,7 +364,12 @@ def decode_to_array(
                 raise
             keep[i] = False
     if cache is not None:
-        atomic_write(cache, lambda p: np.savez(open(p, "wb"), images=arr[keep], keep=keep))
+
+        def save(p: Path) -> None:
+            with open(p, "wb") as f:
+                np.savez(f, images=arr[keep], keep=keep)
+
+        atomic_write(cache, save)
     out = s.subset(np.flatnonzero(keep))
     out.paths = None
     out.array = arr[keep]

@@ -3,6 +3,15 @@
 `train` covers both the supervised teacher (no unlabeled stream) and the student: every step one
 labeled batch plus an unlabeled batch `ratio` times larger, concatenated into ONE forward pass
 (shared BatchNorm statistics, paper sec. 3), loss = CE(labeled) + w * CE(soft targets, unlabeled).
+
+Exact resume. Every source of randomness in training is a pure function of (seed, stage, epoch,
+step): the data order of each stream (`_BatchPlan`), each image's augmentation (its RNGs are
+seeded per item from its position in the plan, in whichever DataLoader worker reads it) and the
+model noise of each step (dropout, stochastic depth: the global RNG is seeded before each forward
+pass). A checkpoint therefore needs only the position (epoch, step) besides the weights, optimizer,
+scheduler, grad scaler and running meters; a resumed run repeats the uninterrupted one step for
+step, whatever `num_workers` is. RNG states are saved and restored as well, for anything that
+draws from the global generators outside that scheme.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +28,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from . import __version__
 from .augment import ViewDataset
 from .config import TrainConfig
-from .data import ImageSet
+from .data import BadImage, ImageSet, load_rgb
 from .errors import UserError
 from .losses import soft_cross_entropy
-from .rundir import RunDir, load_state, load_tensors, save_state, save_tensors
+from .rundir import RunDir, load_state, save_state
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,6 +75,61 @@ def _stage_seed(seed: int, tag: str, epoch: int) -> int:
     ) % 2**31
 
 
+_M64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _mix(*xs: int) -> int:
+    """A well-spread 63-bit seed from integers (splitmix64 steps); cheap enough per image."""
+    h = 0x9E37_79B9_7F4A_7C15
+    for x in xs:
+        h = ((h ^ (x & _M64)) * 0xBF58_476D_1CE4_E5B9) & _M64
+        h ^= h >> 31
+        h = (h * 0x94D0_49BB_1331_11EB) & _M64
+        h ^= h >> 29
+    return h >> 1
+
+
+def _seed_item(s: int) -> None:
+    """Seed the generators augmentations draw from (Python random: timm RandAugment; torch CPU:
+    torchvision crops and flips; numpy) for one image."""
+    random.seed(s)
+    np.random.seed(s & 0xFFFF_FFFF)
+    torch.random.default_generator.manual_seed(s)
+
+
+def _rng_state() -> dict[str, Any]:
+    st: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": _np_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _np_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}  # fmt: skip
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    random.setstate(_tuples(st["python"]))
+    n = st["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _tuples(x: Any) -> Any:
+    """random.setstate wants the tuples back that a round trip may have made lists."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
 # --------------------------------------------------------------------------------------------
 # optimisation
 def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
@@ -90,6 +155,72 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
+# --------------------------------------------------------------------------------------------
+# data order and unreadable files
+class _Items(Dataset):
+    """A ViewDataset read by key `i` or `(i, seed)`: the seed fixes the image's augmentation.
+    An unreadable file yields a zero image and the index -1 - i, reported by the main process
+    (`_drop_bad`), so the policy for bad files is applied in one place and never inside a worker."""
+
+    def __init__(self, ds: ViewDataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, s = key if isinstance(key, tuple) else (key, None)
+        if s is not None:
+            _seed_item(s)
+        try:
+            return self.ds[i]
+        except BadImage:
+            return torch.zeros(3, self.ds.size, self.ds.size, dtype=torch.uint8), -1 - i
+
+
+def _drop_bad(x: torch.Tensor, idx: torch.Tensor, images: ImageSet):
+    """Remove the rows of unreadable files from a batch, recording them per the set's policy
+    (images.bad_log; None: an error naming the file)."""
+    bad = idx < 0
+    if not bool(bad.any()):
+        return x, idx
+    for j in (-1 - idx[bad]).tolist():
+        path = images.paths[j] if images.paths is not None else images.uids[j]
+        try:  # the worker only said "bad"; read it again here for the reason
+            load_rgb(path)
+            reason = f"cannot read image '{path}' (it failed once while loading)"
+        except BadImage as e:
+            reason = str(e)
+        if images.bad_log is None:
+            raise UserError(f"{reason}; fix or remove the file")
+        images.bad_log.add(images.uids[j], reason)
+    return x[~bad], idx[~bad]
+
+
+class _BatchPlan:
+    """The batches of one data stream for steps [start, stop) of an epoch, as lists of
+    (index, item seed). Batch j comes from pass k = j // per_pass over the set, shuffled by a
+    permutation seeded from (seed, k): a pure function of j, so a resumed epoch picks up at its
+    exact position without reading the batches before it."""
+
+    def __init__(self, n: int, batch: int, drop_last: bool, seed: int, start: int, stop: int):
+        self.n, self.batch, self.seed, self.start, self.stop = n, batch, seed, start, stop
+        self.per_pass = max(1, n // batch if drop_last else math.ceil(n / batch))
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        perm_k, perm = -1, []
+        for j in range(self.start, self.stop):
+            k, slot = divmod(j, self.per_pass)
+            if k != perm_k:
+                g = torch.Generator().manual_seed(_mix(self.seed, k))
+                perm, perm_k = torch.randperm(self.n, generator=g).tolist(), k
+            rows = perm[slot * self.batch : (slot + 1) * self.batch]
+            yield [(r, _mix(self.seed, j, pos)) for pos, r in enumerate(rows)]
+
+
 def _loader(ds, batch: int, shuffle: bool, seed: int, workers: int, drop_last: bool) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -104,12 +235,62 @@ def _loader(ds, batch: int, shuffle: bool, seed: int, workers: int, drop_last: b
     )
 
 
-def _cycle(ds, batch: int, seed: int, workers: int) -> Iterator:
-    """Endless shuffled batches (the labeled stream under a longer unlabeled epoch)."""
-    k = 0
-    while True:
-        yield from _loader(ds, batch, True, seed + k, workers, drop_last=len(ds) >= batch)
-        k += 1
+def _plan_loader(ds: ViewDataset, plan: _BatchPlan, workers: int) -> Iterator:
+    return iter(
+        DataLoader(
+            _Items(ds),
+            batch_sampler=plan,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+CHECKPOINT_FORMAT = "noisystudent-train-state"
+CHECKPOINT_VERSION = 1
+# TrainConfig keys that may differ between a checkpoint and the run resuming it
+_RUNTIME_TRAIN_KEYS = {"checkpoint_every_steps"}
+
+
+def _identity(tc: TrainConfig, seed: int, tag: str, steps_per_epoch: int, n_l: int, n_u: int,
+              extra: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    """What a checkpoint must match to be resumed: the stage, the recipe and the data sizes."""
+    ident = {
+        "format_version": CHECKPOINT_VERSION,
+        "noisystudent_version": ".".join(__version__.split(".")[:2]),
+        "stage": tag,
+        "seed": seed,
+        "steps_per_epoch": steps_per_epoch,
+        "labeled_images": n_l,
+        "unlabeled_images": n_u,
+    }
+    ident.update({k: v for k, v in asdict(tc).items() if k not in _RUNTIME_TRAIN_KEYS})
+    ident.update(extra or {})
+    return ident
+
+
+def load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """Read a training checkpoint (torch.load weights_only=True: no code can run) and refuse one
+    made for another model, class count, recipe or noisystudent version, saying what differs."""
+    st = load_state(path)
+    if not isinstance(st, dict) or st.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(
+            f"'{path}' is not a noisystudent training checkpoint; delete it to restart that stage"
+        )
+    old = st.get("identity", {})
+    diff = [
+        f"{k}={old.get(k)!r} (this run: {identity.get(k)!r})"
+        for k in sorted(set(old) | set(identity))
+        if old.get(k) != identity.get(k)
+    ]
+    if diff:
+        raise UserError(
+            f"checkpoint '{path}' was made for a different run: {', '.join(diff[:5])}; "
+            f"delete it to restart that stage, or use the settings it was made with"
+        )
+    return st
 
 
 @dataclass
@@ -135,12 +316,22 @@ def train(
     workers: int = 0,
     progress: bool = True,
     log_every: int = 50,
+    identity: dict[str, Any] | None = None,
+    extra_state: dict[str, Any] | None = None,
+    checkpoint_every: int | None = None,
 ) -> TrainResult:
-    """Train `model` in place; checkpoint every epoch to out_dir/last.*; resume from there.
+    """Train `model` in place; checkpoint to out_dir/checkpoint.pt every `checkpoint_every` steps
+    (default tc.checkpoint_every_steps; 0: epoch ends only) and at every epoch end; resume from
+    there exactly (see the module docstring).
 
     labels: (N_l,) class indices of `labeled`; targets: (N_u, C) soft targets of `unlabeled`.
     An epoch is one pass over the unlabeled set when there is one (the labeled stream cycles),
     else one pass over the labeled set.
+    identity: what else the checkpoint must match to be resumed (model name, classes, ...).
+    extra_state: objects with state_dict()/load_state_dict() saved in the checkpoint beside the
+    model (e.g. a weight EMA); their state is restored on resume.
+    A non-finite loss stops training with an error naming the step; nothing after that step is
+    saved, so the last checkpoint stays the last good one.
     """
     model.to(device)
     if device.type == "cpu" or device.type == "cuda":
@@ -148,7 +339,9 @@ def train(
     amp = autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     opt = build_optimizer(model, tc)
+    every = tc.checkpoint_every_steps if checkpoint_every is None else checkpoint_every
     bl = min(tc.batch_size, len(labeled))
+    lab_drop_last = len(labeled) >= bl
     if unlabeled is not None:
         bu = min(tc.batch_size * tc.ratio, len(unlabeled))  # a tiny selection still trains
         steps_per_epoch = max(1, len(unlabeled) // bu)
@@ -158,52 +351,109 @@ def train(
     total = tc.epochs * steps_per_epoch
     warmup = int(tc.warmup_epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
+    n_u = len(unlabeled) if unlabeled is not None else 0
+    ident = _identity(tc, seed, tag, steps_per_epoch, len(labeled), n_u, identity)
+    extra_state = extra_state or {}
 
-    start_epoch, t_used = 0, 0.0
-    ckpt, state_path = out_dir / "last.safetensors", out_dir / "last_state.pt"
-    if ckpt.is_file() and state_path.is_file():
-        st = load_state(state_path)
-        model.load_state_dict(load_tensors(ckpt))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = out_dir / "checkpoint.pt"
+    start_epoch, start_i, t_used, loss_val = 0, 0, 0.0, float("nan")
+    meters = {"loss_sum": 0.0, "correct": 0, "n_sum": 0, "seen": 0}
+    if ckpt.is_file():
+        st = load_checkpoint(ckpt, ident)
+        model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         scaler.load_state_dict(st["scaler"])
-        start_epoch, t_used = int(st["epoch"]) + 1, float(st.get("wall_s", 0.0))
-        run.log(stage=tag, event="resume", epoch=start_epoch)
+        for k, obj in extra_state.items():
+            if k in st.get("extra", {}):
+                obj.load_state_dict(st["extra"][k])
+        _set_rng_state(st["rng"])
+        pos = st["position"]
+        start_epoch, start_i = int(pos["epoch"]), int(pos["step_in_epoch"])
+        meters.update(st["meters"])
+        t_used, loss_val = float(st.get("wall_s", 0.0)), float(st.get("last_loss", loss_val))
+        run.log(stage=tag, event="resume", epoch=start_epoch, step=int(pos["step"]))
 
     labels = labels.to(device)
     if targets is not None:
         targets = targets.to(device)
     t0 = time.time()
-    loss_val = float("nan")
-    step = start_epoch * steps_per_epoch
+    step = start_epoch * steps_per_epoch + start_i
+    # first non-finite loss: its step and value, kept on the device (no per-step host sync)
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    bad_loss = torch.zeros((), device=device)
+    saved_step = step if ckpt.is_file() else None
+
+    def check_finite() -> None:
+        s = int(bad_step.item())
+        if s >= 0:
+            e, k = divmod(s - 1, steps_per_epoch)
+            kept = (
+                f"the last good checkpoint '{ckpt}' (step {saved_step}) is kept"
+                if saved_step is not None
+                else "no checkpoint was written yet"
+            )
+            raise UserError(
+                f"{tag}: loss became {bad_loss.item()} at step {s} (epoch {e + 1}, step {k + 1} of "
+                f"{steps_per_epoch}); lower the learning rate ({tc.lr}) or check the data; {kept}"
+            )
+
+    def save(epoch: int, step_in_epoch: int) -> None:
+        nonlocal saved_step
+        check_finite()  # never overwrite the last good checkpoint with a broken model
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "identity": ident,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(),
+            "extra": {k: obj.state_dict() for k, obj in extra_state.items()},
+            "rng": _rng_state(),
+            "position": {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": step},
+            "meters": {
+                "loss_sum": float(loss_sum.item()),
+                "correct": int(correct.item()),
+                "n_sum": n_sum,
+                "seen": seen,
+            },
+            "last_loss": loss_val,
+            "wall_s": t_used + time.time() - t0,
+        }
+        save_state(ckpt, state)
+        saved_step = step
+
     for epoch in range(start_epoch, tc.epochs):
         es = _stage_seed(seed, tag, epoch)
-        seed_everything(es)  # augmentation, dropout and data order are a function of the epoch
+        i0 = start_i if epoch == start_epoch else 0
         model.train()
+        lab_plan = _BatchPlan(len(labeled), bl, lab_drop_last, _mix(es, 0), i0, steps_per_epoch)
+        lab_it = _plan_loader(labeled, lab_plan, workers)
+        unl_it = None
         if unlabeled is not None:
-            lab_it = _cycle(labeled, bl, es, workers)
-            unl_it = iter(_loader(unlabeled, bu, True, es + 1, workers, drop_last=True))
-        else:
-            lab_it = iter(_loader(labeled, bl, True, es, workers, drop_last=len(labeled) >= bl))
-            unl_it = None
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)  # labeled-batch top-1 hits (no per-step sync)
-        n_sum = seen = 0
+            unl_plan = _BatchPlan(len(unlabeled), bu, True, _mix(es, 1), i0, steps_per_epoch)
+            unl_it = _plan_loader(unlabeled, unl_plan, workers)
+        loss_sum = torch.full((), float(meters["loss_sum"]), device=device)
+        correct = torch.full((), int(meters["correct"]), device=device)  # labeled top-1 hits
+        n_sum, seen = int(meters["n_sum"]), int(meters["seen"])
+        meters = {"loss_sum": 0.0, "correct": 0, "n_sum": 0, "seen": 0}
         bar = tqdm(
-            range(steps_per_epoch),
+            range(i0, steps_per_epoch),
             desc=f"{tag} epoch {epoch + 1}/{tc.epochs}",
             disable=not progress,
             leave=False,
         )
         for i in bar:
-            xl, il = next(lab_it)
+            xl, il = _drop_bad(*next(lab_it), labeled.images)
             yl = labels[il.to(device)]
             x = xl
             if unl_it is not None:
-                xu, iu = next(unl_it)
+                xu, iu = _drop_bad(*next(unl_it), unlabeled.images)
                 x = torch.cat([xl, xu])
                 tu = targets[iu.to(device)]
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            torch.manual_seed(_mix(es, 2, i))  # model noise of this step (dropout, drop path)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 logits = model(x)
             loss = F.cross_entropy(
@@ -217,17 +467,16 @@ def train(
             scaler.update()
             sched.step()
             step += 1
+            first = ~torch.isfinite(loss.detach()) & (bad_step < 0)
+            bad_step = torch.where(first, step, bad_step)
+            bad_loss = torch.where(first, loss.detach(), bad_loss)
             loss_sum += loss.detach()
             correct += (logits[: len(xl)].detach().argmax(1) == yl).sum()
             n_sum += 1
             seen += len(xl)
             if (i + 1) % log_every == 0 or i + 1 == steps_per_epoch:
-                loss_val = (loss_sum / n_sum).item()  # one host sync per `log_every` steps
-                if not math.isfinite(loss_val):
-                    raise UserError(
-                        f"{tag}: loss became {loss_val} at epoch {epoch + 1} step {step}; "
-                        f"lower the learning rate ({tc.lr}); last good checkpoint kept in {out_dir}"
-                    )
+                check_finite()  # one host sync per `log_every` steps
+                loss_val = (loss_sum / n_sum).item()
                 bar.set_postfix(loss=f"{loss_val:.3f}")
                 run.log(
                     stage=tag,
@@ -241,18 +490,11 @@ def train(
                 loss_sum.zero_()
                 correct.zero_()
                 n_sum = seen = 0
-        wall = t_used + time.time() - t0
-        save_tensors(ckpt, model.state_dict())
-        save_state(
-            state_path,
-            {
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "wall_s": wall,
-            },
-        )
+            if i + 1 == steps_per_epoch:
+                save(epoch + 1, 0)
+            elif every > 0 and step % every == 0:
+                save(epoch, i + 1)
+    check_finite()
     return TrainResult(tc.epochs, total, loss_val, t_used + time.time() - t0)
 
 
@@ -267,12 +509,16 @@ def predict(
     desc: str = "predict",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Eval mode (no dropout, no stochastic depth, BN in inference mode) on the clean view.
-    Yields (logits (n, C) float32 on CPU, dataset indices (n,)) batch by batch."""
+    Yields (logits (n, C) float32 on CPU, dataset indices (n,)) batch by batch. Unreadable files
+    are left out of their batch when ds.images.bad_log skips them, else an error names the file."""
     model.to(device).eval()
     model.to(memory_format=torch.channels_last)
     amp = autocast_dtype(device)
-    loader = _loader(ds, batch, False, 0, workers, drop_last=False)
+    loader = _loader(_Items(ds), batch, False, 0, workers, drop_last=False)
     for x, idx in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        x, idx = _drop_bad(x, idx, ds.images)
+        if len(idx) == 0:
+            continue
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(x)
@@ -288,19 +534,22 @@ def evaluate(
     workers: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Top-1 / top-5 accuracy in percent, and the predictions (for a confusion matrix)."""
+    """Top-1 / top-5 accuracy in percent, and the predictions (for a confusion matrix).
+    Images skipped as unreadable (see ImageSet.bad_log) are left out: prediction -1, not in `n`."""
     ds = ViewDataset(images, size)
     labels = torch.from_numpy(images.labels)
-    preds, top5_hits = torch.empty(len(ds), dtype=torch.long), 0
+    preds, top5_hits = torch.full((len(ds),), -1, dtype=torch.long), 0
+    read = 0
     for logits, idx in predict(model, ds, batch, device, workers, progress, "evaluate"):
         preds[idx] = logits.argmax(1)
         k = min(5, logits.shape[1])
         top5_hits += (logits.topk(k, 1).indices == labels[idx, None]).any(1).sum().item()
-    n = max(1, len(ds))
+        read += len(idx)
+    n = max(1, read)
     return {
         "top1": 100.0 * (preds == labels).sum().item() / n,
         "top5": 100.0 * top5_hits / n,
-        "n": len(ds),
+        "n": read,
         "predictions": preds.tolist(),
         "labels": labels.tolist(),
     }

@@ -28,7 +28,7 @@ from .stages import (
 
 def open_run(cfg: Config) -> RunDir:
     """Create/reuse the run directory; refuse one made with a result-changing different config."""
-    run = RunDir(cfg.run_dir)
+    run = RunDir(cfg.run_dir).lock()  # one process per run dir; cleans up after a killed run
     path = Path(cfg.run_dir) / "config.yaml"
     new = cfg.to_dict()
     if path.is_file():

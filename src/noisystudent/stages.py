@@ -7,6 +7,7 @@ trained on labeled data plus the pseudo labels model i-1 made (iter<i-1>/select)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -19,13 +20,29 @@ import torch
 from . import __version__
 from .augment import ViewDataset, train_transform
 from .config import Config
-from .data import SMALL_IMAGE_MAX, ImageSet, decode_to_array, digits_sets, load_set
+from .data import (
+    SMALL_IMAGE_MAX,
+    BadImage,
+    BadImageLog,
+    ImageSet,
+    decode_to_array,
+    digits_sets,
+    load_set,
+)
 from .engine import evaluate as run_eval
 from .engine import predict, resolve_device, train
 from .errors import UserError
 from .losses import hard_labels
 from .models import Classifier, count_params, create_model
-from .rundir import RunDir, load_tensors, read_json, save_tensors, write_json, write_text
+from .rundir import (
+    RunDir,
+    load_tensors,
+    read_json,
+    save_tensors,
+    sha256_file,
+    tensors_metadata,
+    write_json,
+)
 from .selection import class_counts, select_pseudo_labels
 from .store import PseudoLabelStore, StoreWriter, default_topk
 
@@ -45,9 +62,25 @@ class Data:
         return self.labeled.classes
 
 
+def _bad_log(cfg: Config, run: RunDir, s: ImageSet, what: str) -> BadImageLog:
+    """The policy for unreadable images of one set: unlabeled per data.on_bad_image, labeled and
+    test per data.on_bad_labeled; skipped ones listed in <run_dir>/skipped_<what>.txt."""
+    d = cfg.data
+    option = "data.on_bad_image" if what == "unlabeled" else "data.on_bad_labeled"
+    skip = (d.on_bad_image if what == "unlabeled" else d.on_bad_labeled) == "skip"
+    listing = run.root / f"skipped_{what}.txt"
+    return BadImageLog(what, len(s), skip, d.max_bad_fraction, listing, option)
+
+
 def load_data(cfg: Config, run: RunDir) -> Data:
     """Labeled, unlabeled and test sets as the config describes; small images (<= 64 px)
-    are decoded once into a uint8 cache."""
+    are decoded once into a uint8 cache, larger ones read per access.
+
+    Unreadable images (not an image, truncated, corrupt): in the unlabeled set skipped, counted
+    and listed in skipped_unlabeled.txt (data.on_bad_image=skip, the default); in labeled or test
+    data an error naming the file (data.on_bad_labeled=skip skips them too). Skipping more than
+    data.max_bad_fraction of a set stops the run. Small images are all checked here; large ones
+    when first read (a DataLoader worker marks the file, the main process applies the policy)."""
     d, size = cfg.data, cfg.data.image_size
     if d.dataset == "digits":
         lab, unl, test = digits_sets(size, d.labels_per_class, seed=cfg.seed)
@@ -68,22 +101,32 @@ def load_data(cfg: Config, run: RunDir) -> Data:
         )
     unl = load_set(d.unlabeled, "unlabeled", lab.classes)
     small = size <= SMALL_IMAGE_MAX
-    if small:
-        cache = Path(d.cache_dir) if d.cache_dir else run.root / "cache"
-        lab = decode_to_array(lab, size, cache, "labeled", skip_bad=False, progress=cfg.progress)
-        test = decode_to_array(test, size, cache, "test", skip_bad=False, progress=cfg.progress)
-        unl = decode_to_array(
-            unl, size, cache, "unlabeled", skip_bad=d.on_bad_image == "skip", progress=cfg.progress
-        )
-        if unl.skipped:
-            write_text(run.root / "skipped_unlabeled.txt", "\n".join(unl.skipped) + "\n")
-            print(
-                f"skipped {len(unl.skipped)} unreadable unlabeled images (listed in "
-                f"{run.root / 'skipped_unlabeled.txt'})"
-            )
-        if len(unl) == 0:
-            raise UserError(f"no readable images in unlabeled data '{d.unlabeled}'")
-    return Data(lab, unl, test, size, small)
+    sets = {"labeled": lab, "test": test, "unlabeled": unl}
+    for what, s in list(sets.items()):
+        log = _bad_log(cfg, run, s, what)
+        if small:
+            cache = Path(d.cache_dir) if d.cache_dir else run.root / "cache"
+            try:
+                s = decode_to_array(s, size, cache, what, skip_bad=log.skip, progress=cfg.progress)
+            except BadImage as e:
+                raise UserError(
+                    f"{e} ({what} data); fix or remove the file, or set {log.option}=skip to "
+                    f"skip unreadable images"
+                ) from None
+            for u in s.skipped:
+                log.add(u, write=False)
+            log.write()  # also removes a listing a fixed set no longer needs
+            if s.skipped:
+                print(
+                    f"skipped {len(s.skipped)} unreadable {what} images (listed in {log.listing})"
+                )
+        else:
+            log.preload(set(s.uids))  # found by a previous, interrupted process
+        s.bad_log = log
+        if len(s) == 0:
+            raise UserError(f"no readable images in {what} data '{getattr(d, what)}'")
+        sets[what] = s
+    return Data(sets["labeled"], sets["unlabeled"], sets["test"], size, small)
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,8 +146,42 @@ def model_meta(cfg: Config, i: int, data: Data, model: Classifier) -> dict[str, 
     }
 
 
-def load_model(run: RunDir, i: int, role: str = "teacher") -> tuple[Classifier, dict[str, Any]]:
-    """Model i's final weights. A missing checkpoint is an error, never a random model."""
+MODEL_FORMAT = "noisystudent-model"
+MODEL_FORMAT_VERSION = "1"
+
+
+def _minor(version: str) -> str:
+    return ".".join(str(version).split(".")[:2])
+
+
+def save_model(path: Path, model: Classifier, meta: dict[str, Any]) -> Path:
+    """Final weights as safetensors (no code can ride along), with the model's identity in the
+    safetensors header so a file is checked on its own, without its model.json."""
+    header = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "name": str(meta["name"]),
+        "num_classes": str(meta["num_classes"]),
+        "classes": json.dumps(meta["classes"]),
+        "noisystudent_version": str(meta["noisystudent_version"]),
+    }
+    return save_tensors(path, model.state_dict(), meta=header)
+
+
+def load_model(
+    run: RunDir,
+    i: int,
+    role: str = "teacher",
+    expect_name: str | None = None,
+    expect_classes: list[str] | None = None,
+) -> tuple[Classifier, dict[str, Any]]:
+    """Model i's final weights. A missing checkpoint is an error, never a random model.
+
+    Weights load from safetensors only. Refused, with a message saying what differs: a file
+    without noisystudent's header (foreign), one from another noisystudent minor version or
+    model-file format, one whose architecture or classes differ from what the caller expects
+    (`expect_name`, `expect_classes`), one that disagrees with its model.json, and one changed
+    since its stage recorded its sha256 in the manifest."""
     path, meta_path = run.model_path(i), run.iter_dir(i) / "model.json"
     if not path.is_file() or not meta_path.is_file():
         what = "train-teacher" if i == 0 else f"train-student --iteration {i}"
@@ -112,7 +189,49 @@ def load_model(run: RunDir, i: int, role: str = "teacher") -> tuple[Classifier, 
             f"no {role} checkpoint at '{path}'; run `noisystudent {what}` (or `noisystudent run`) first"
         )
     meta = read_json(meta_path)
-    model = create_model(meta["name"], meta["num_classes"])
+    head = tensors_metadata(path)
+    if head.get("format") != MODEL_FORMAT:
+        raise UserError(
+            f"'{path}' is not a noisystudent model file (no noisystudent identity in its "
+            f"safetensors header); models are made by `noisystudent run` / train-teacher"
+        )
+    if head.get("format_version") != MODEL_FORMAT_VERSION or _minor(
+        head.get("noisystudent_version", "?")
+    ) != _minor(__version__):
+        raise UserError(
+            f"'{path}' was written by noisystudent {head.get('noisystudent_version')} (model "
+            f"format {head.get('format_version')}); this is noisystudent {__version__} (format "
+            f"{MODEL_FORMAT_VERSION}); retrain it with this version"
+        )
+    found = {
+        "architecture": head.get("name"),
+        "classes": json.loads(head.get("classes", "null")),
+    }
+    checks = [
+        ("its model.json", {"architecture": meta.get("name"), "classes": meta.get("classes")}),
+        ("this run", {"architecture": expect_name, "classes": expect_classes}),
+    ]
+    for against, want in checks:
+        diff = [
+            f"{k} {found[k]!r} vs {want[k]!r}"
+            for k in found
+            if want[k] is not None and want[k] != found[k]
+        ]
+        if diff:
+            hint = "" if against == "this run" else " (files mixed up?)"
+            raise UserError(
+                f"{role} checkpoint '{path}' does not match {against}{hint}: {'; '.join(diff)}; "
+                f"use the run directory it was made in, or retrain"
+            )
+    rec = run.output_record(path)
+    if rec is not None and (
+        path.stat().st_size != rec["size"] or sha256_file(path) != rec["sha256"]
+    ):
+        raise UserError(
+            f"{role} checkpoint '{path}' changed after its training stage recorded it in "
+            f"manifest.json (sha256 differs); restore it or re-run that training stage"
+        )
+    model = create_model(meta["name"], len(found["classes"]))
     try:
         model.load_state_dict(load_tensors(path))
     except RuntimeError as e:
@@ -146,7 +265,7 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
     unl_ds, targets = None, None
     if i > 0:
         sel_dir = run.iter_dir(i - 1) / "select"
-        if not (sel_dir / "selected.safetensors").is_file():
+        if not run.stage_done(_stage(i - 1, "select")):
             raise UserError(
                 f"no selected pseudo labels at '{sel_dir}'; run `noisystudent select --iteration {i - 1}` first"
             )
@@ -169,7 +288,7 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
         )
         inputs = [sel_dir / "selected.safetensors", run.iter_dir(i - 1) / "pseudo" / "meta.json"]
         if tc.init == "teacher":
-            teacher, tmeta = load_model(run, i - 1)
+            teacher, tmeta = load_model(run, i - 1, "teacher", cfg.models[i - 1], data.classes)
             if tmeta["name"] != cfg.models[i]:
                 raise UserError(
                     f"student.init=teacher needs the same architecture, but teacher is '{tmeta['name']}' and student '{cfg.models[i]}'"
@@ -201,9 +320,11 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
         targets=targets,
         workers=cfg.data.num_workers,
         progress=cfg.progress,
+        identity={"model": cfg.models[i], "classes": data.classes},
     )
-    save_tensors(run.model_path(i), model.state_dict())
-    write_json(out / "model.json", model_meta(cfg, i, data, model))
+    meta = model_meta(cfg, i, data, model)
+    save_model(run.model_path(i), model, meta)
+    write_json(out / "model.json", meta)
     run.mark(
         name, "done", outputs=[run.model_path(i), out / "model.json"], wall_s=round(res.wall_s, 2)
     )
@@ -216,7 +337,7 @@ def evaluate_stage(cfg: Config, run: RunDir, data: Data, i: int) -> dict[str, An
     path = run.iter_dir(i) / "eval.json"
     if run.stage_done(name):
         return read_json(path)
-    model, _ = load_model(run, i, role="model")
+    model, _ = load_model(run, i, "model", cfg.models[i], data.classes)
     res = run_eval(
         model,
         data.test,
@@ -232,28 +353,75 @@ def evaluate_stage(cfg: Config, run: RunDir, data: Data, i: int) -> dict[str, An
     return res
 
 
+PSEUDO_SHARD_SIZE = 65536  # rows per store shard; a killed pseudo-label stage resumes per shard
+
+
+def _pseudo_resume(root: Path, ident: dict[str, Any], data: Data) -> tuple[list, int, int, int]:
+    """Shards a killed pseudo-label stage completed (iter<i>/pseudo/progress.json lists them, with
+    the dataset position after each): (shards, next position, audit hits, audited). Anything
+    else in the folder, or everything when the teacher or data changed, is removed."""
+    prog_path = root / "progress.json"
+    prog = read_json(prog_path) if prog_path.is_file() else {}
+    shards = prog.get("shards", []) if prog.get("identity") == ident else []
+    keep = {f"{sh['name']}{ext}" for sh in shards for ext in (".safetensors", ".uids")}
+    keep.add("progress.json")
+    if root.is_dir():
+        for f in root.iterdir():
+            if f.is_file() and f.name not in keep:
+                f.unlink()
+    correct = audited = 0
+    label = dict(zip(data.unlabeled.uids, data.unlabeled.labels.tolist(), strict=True))
+    for sh in shards:
+        t = load_tensors(root / f"{sh['name']}.safetensors")
+        uids = (root / f"{sh['name']}.uids").read_text().splitlines()
+        if len(uids) != sh["count"] or len(t["max_prob"]) != sh["count"]:
+            raise UserError(
+                f"pseudo-label shard '{root / sh['name']}' is inconsistent; delete '{root}' and re-run"
+            )
+        h = torch.tensor([label.get(u, -1) for u in uids], dtype=torch.long)
+        known = h >= 0
+        correct += int((t["topk_idx"][:, 0].long()[known] == h[known]).sum())
+        audited += int(known.sum())
+    return shards, int(prog.get("next", 0)) if shards else 0, correct, audited
+
+
 def pseudo_label_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
-    """Model i, without noise, labels every unlabeled image -> iter<i>/pseudo (store.py format)."""
+    """Model i, without noise, labels every unlabeled image -> iter<i>/pseudo (store.py format).
+
+    Resumable: each store shard is written atomically and recorded in pseudo/progress.json with
+    the position reached, so a killed stage continues after its last complete shard."""
     name = _stage(i, "pseudo-label")
     root = run.iter_dir(i) / "pseudo"
     if run.stage_done(name):
+        (root / "progress.json").unlink(missing_ok=True)
         return
-    model, meta = load_model(run, i)
-    if meta["num_classes"] != len(data.classes):
-        raise UserError(
-            f"teacher '{run.model_path(i)}' has {meta['num_classes']} classes, the data {len(data.classes)}"
-        )
+    model, meta = load_model(run, i, "teacher", cfg.models[i], data.classes)
     k = default_topk(len(data.classes), cfg.pseudo.topk)
+    n = len(data.unlabeled)
+    ident = {
+        "teacher_sha256": sha256_file(run.model_path(i)),
+        "unlabeled": n,
+        "uids_sha256": hashlib.sha256("\n".join(data.unlabeled.uids).encode()).hexdigest(),
+        "k": k,
+        "temperature": cfg.pseudo.temperature,
+        "mode": cfg.pseudo.mode,
+        "shard_size": PSEUDO_SHARD_SIZE,
+    }
+    shards, start, correct, audited = _pseudo_resume(root, ident, data)
     writer = StoreWriter(
         root,
         len(data.classes),
         k,
         cfg.pseudo.temperature,
         teacher={"model": meta["name"], "iteration": i, "mode": cfg.pseudo.mode},
+        shard_size=PSEUDO_SHARD_SIZE,
     )
-    ds = ViewDataset(data.unlabeled, data.size)  # clean eval view: no augmentation
+    writer.shards = list(shards)
+    if start:
+        run.log(stage=name, event="resume", position=start, shards=len(shards))
+    # clean eval view (no augmentation), from the first image no complete shard holds
+    ds = ViewDataset(data.unlabeled.subset(np.arange(start, n)), data.size)
     hidden = torch.from_numpy(data.unlabeled.labels)
-    correct = audited = 0
     for logits, idx in predict(
         model,
         ds,
@@ -263,19 +431,30 @@ def pseudo_label_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
         cfg.progress,
         f"pseudo-label iter{i}",
     ):
+        idx = idx + start
         probs = torch.softmax(logits / cfg.pseudo.temperature, dim=1)
+        before = len(writer.shards)
         writer.add(probs, [data.unlabeled.uids[j] for j in idx.tolist()])
         h = hidden[idx]
         known = h >= 0
         correct += (probs.argmax(1)[known] == h[known]).sum().item()
         audited += int(known.sum())
+        if len(writer.shards) != before:  # a shard was flushed: record where to resume
+            b = cfg.pseudo.batch_size  # the end of this batch (its last images may be skipped)
+            nxt = start + ((int(idx.max()) - start) // b + 1) * b
+            write_json(
+                root / "progress.json",
+                {"identity": ident, "shards": writer.shards, "next": min(n, nxt)},
+            )
     writer.close()
     audit = {"audited": audited, "accuracy": 100.0 * correct / audited if audited else None}
     write_json(root / "audit.json", audit)
     run.mark(
         name, "done", inputs=[run.model_path(i)], outputs=writer.files() + [root / "audit.json"]
     )
-    run.log(stage=name, event="pseudo-label", count=len(ds), audit_acc=audit["accuracy"])
+    (root / "progress.json").unlink(missing_ok=True)
+    rows = sum(sh["count"] for sh in writer.shards)
+    run.log(stage=name, event="pseudo-label", count=rows, audit_acc=audit["accuracy"])
 
 
 def select_stage(cfg: Config, run: RunDir, data: Data, i: int) -> dict[str, Any]:
