@@ -47,3 +47,79 @@ def test_no_balance_is_just_the_filter():
     conf = torch.tensor([0.2, 0.5, 0.8])
     pred = torch.tensor([0, 0, 1])
     assert select_pseudo_labels(conf, pred, 2, 0.3, False).tolist() == [1, 2]
+
+
+# ---- the reference (histogram) selection -----------------------------------------------------
+from noisystudent.selection import (  # noqa: E402
+    class_thresholds,
+    confidence_histogram,
+    copy_counts,
+    reference_select,
+)
+
+
+def test_histogram_counts_and_chunks_add_up():
+    g = torch.Generator().manual_seed(0)
+    conf, pred = torch.rand(1000, generator=g), torch.randint(0, 4, (1000,), generator=g)
+    h = confidence_histogram(conf, pred, 4)
+    assert h.shape == (4, 101) and h.sum() == 1000
+    assert torch.equal(h[2].sum(), (pred == 2).sum())
+    parts = confidence_histogram(conf[:300], pred[:300], 4) + confidence_histogram(
+        conf[300:], pred[300:], 4
+    )
+    assert torch.equal(h, parts)
+    assert h[1, 50:].sum() == ((pred == 1) & (conf >= 0.5)).sum()
+
+
+def test_class_threshold_is_highest_that_keeps_k_but_not_below_min():
+    # class 0: 10 images at 0.95 and 10 at 0.55; class 1: 3 images at 0.9; class 2: 50 at 0.2
+    conf = torch.tensor([0.95] * 10 + [0.55] * 10 + [0.9] * 3 + [0.2] * 50)
+    pred = torch.tensor([0] * 20 + [1] * 3 + [2] * 50)
+    t, n = class_thresholds(confidence_histogram(conf, pred, 3), per_class=10, min_threshold=0.3)
+    assert t.tolist() == [
+        95,
+        30,
+        30,
+    ]  # 10 images still at 0.95; class 1 never reaches K; class 2 min
+    assert n.tolist() == [10, 3, 0]
+    t, n = class_thresholds(confidence_histogram(conf, pred, 3), per_class=15, min_threshold=0.3)
+    assert t.tolist()[0] == 55 and n.tolist()[0] == 20
+
+
+def test_fractional_copies_bernoulli_and_options():
+    conf = torch.tensor([0.9] * 4 + [0.8] * 20)
+    pred = torch.tensor([0] * 4 + [1] * 20)
+    hist = confidence_histogram(conf, pred, 2)
+    t, n = class_thresholds(hist, per_class=10, min_threshold=0.3)
+    c = copy_counts(conf, pred, t, n, 10, generator=torch.Generator().manual_seed(0))
+    assert set(c[:4].tolist()) <= {2, 3}  # 10 / 4 = 2.5 copies: 2 plus a coin flip
+    assert set(c[4:].tolist()) <= {0, 1}  # 10 / 20 = 0.5: thinned
+    many = torch.stack(
+        [
+            copy_counts(conf, pred, t, n, 10, generator=torch.Generator().manual_seed(s))
+            for s in range(400)
+        ]
+    ).double()
+    assert (
+        abs(many[:, :4].mean().item() - 2.5) < 0.1 and abs(many[:, 4:].mean().item() - 0.5) < 0.05
+    )
+    no_up = copy_counts(
+        conf, pred, t, n, 10, upsample=False, generator=torch.Generator().manual_seed(0)
+    )
+    assert no_up[:4].tolist() == [1, 1, 1, 1]
+    all_ = copy_counts(conf, pred, t, n, 10, use_all=True)
+    assert all_.tolist() == [1] * 24
+
+
+def test_reference_select_deterministic_and_balanced_in_expectation():
+    g = torch.Generator().manual_seed(3)
+    conf = torch.rand(5000, generator=g)
+    pred = torch.randint(0, 5, (5000,), generator=g)
+    pred[:2000] = 0  # an over-represented class
+    a = reference_select(conf, pred, 5, per_class=300, seed=1)
+    assert torch.equal(a, reference_select(conf, pred, 5, per_class=300, seed=1))
+    counts = torch.bincount(pred[a], minlength=5).double()
+    assert ((counts - 300).abs() < 60).all(), counts
+    assert (conf[a] >= 0.3).all()
+    # class 0 keeps its most confident images: its threshold is higher than the others'
+    assert conf[a][pred[a] == 0].min() > conf[a][pred[a] == 1].min()

@@ -69,3 +69,88 @@ def select_pseudo_labels(
         return idx
     g = torch.Generator().manual_seed(seed)
     return balance_classes(pred, conf, idx, num_classes, per_class, g)
+
+
+# --------------------------------------------------------------------------------------------
+# The reference code's selection (filter_unlabel.py), which scales: one histogram pass over
+# the store, then one selection pass, memory bounded by the number of classes x 101 bins.
+N_BINS = 101  # thresholds 0.00, 0.01, ..., 1.00
+
+
+def confidence_bins(conf: torch.Tensor) -> torch.Tensor:
+    """Bin b = floor(100 * conf) in 0..100; "conf >= b/100" is "bin >= b" (used by both passes)."""
+    return (conf.float() * 100).floor().clamp_(0, N_BINS - 1).long()
+
+
+def confidence_histogram(conf: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, 101) counts of images per (predicted class, confidence bin). Sum over chunks of a
+    store to get the histogram of the whole store."""
+    flat = pred.long() * N_BINS + confidence_bins(conf)
+    return torch.bincount(flat, minlength=num_classes * N_BINS).view(num_classes, N_BINS)
+
+
+def class_thresholds(
+    hist: torch.Tensor, per_class: int, min_threshold: float = 0.3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class c: the highest threshold bin t_c >= min_threshold at which the class still has
+    >= K images; a class that never reaches K gets min_threshold. Returns (t_c bins (C,),
+    n_c(t_c) = images of class c at or above t_c (C,))."""
+    above = hist.flip(1).cumsum(1).flip(1)  # above[c, b] = #images of class c with bin >= b
+    b_min = int(round(min_threshold * 100))
+    ok = above >= per_class
+    ok[:, :b_min] = False
+    bins = torch.arange(N_BINS).expand_as(ok)
+    t = torch.where(ok, bins, torch.full_like(bins, -1)).max(1).values
+    t = torch.where(t < 0, torch.full_like(t, b_min), t)
+    return t, above.gather(1, t[:, None]).squeeze(1)
+
+
+def copy_counts(
+    conf: torch.Tensor,
+    pred: torch.Tensor,
+    thresholds: torch.Tensor,
+    n_at_threshold: torch.Tensor,
+    per_class: int,
+    upsample: bool = True,
+    use_all: bool = False,
+    min_threshold: float = 0.3,
+    max_prob: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Copies of each image (N,) in the reference algorithm: an image of class c with
+    t_c <= conf <= max_prob gets K / n_c(t_c) copies, the integer part plus one more with
+    probability equal to the fraction (seeded). `upsample=False` caps the count at 1;
+    `use_all` keeps every image above min_threshold exactly once."""
+    b = confidence_bins(conf)
+    pred = pred.long()
+    if use_all:
+        return ((b >= round(min_threshold * 100)) & (conf <= max_prob)).long()
+    keep = (b >= thresholds[pred]) & (conf <= max_prob)
+    ratio = per_class / n_at_threshold[pred].clamp_min(1).double()
+    if not upsample:
+        ratio = ratio.clamp(max=1.0)
+    whole = ratio.floor()
+    u = torch.rand(len(conf), generator=generator, dtype=torch.float64)
+    return torch.where(keep, whole + (u < ratio - whole).double(), torch.zeros_like(whole)).long()
+
+
+def reference_select(
+    conf: torch.Tensor,
+    pred: torch.Tensor,
+    num_classes: int,
+    per_class: int | None = None,
+    min_threshold: float = 0.3,
+    upsample: bool = True,
+    use_all: bool = False,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The reference selection on tensors in memory: row indices, each repeated by its copy
+    count. K defaults to the mean per-class count above min_threshold."""
+    hist = confidence_histogram(conf, pred, num_classes)
+    if per_class is None:
+        kept = hist[:, round(min_threshold * 100) :].sum()
+        per_class = max(1, round(int(kept) / num_classes))
+    t, n = class_thresholds(hist, per_class, min_threshold)
+    g = torch.Generator().manual_seed(seed)
+    copies = copy_counts(conf, pred, t, n, per_class, upsample, use_all, min_threshold, generator=g)
+    return torch.repeat_interleave(torch.arange(len(conf)), copies)
