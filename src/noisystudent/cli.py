@@ -8,6 +8,7 @@
     noisystudent train-student CONFIG [--iteration I] [key=value ...]
     noisystudent evaluate      CONFIG [--iteration I] [key=value ...]
     noisystudent split SRC OUT --labels-per-class N [--seed S]
+    noisystudent report RUN_DIR                       (re)write RUN_DIR/report.html
 
 CONFIG is a YAML file or an existing run directory (its config.yaml).
 """
@@ -68,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("out", help="folder for labeled.tsv, unlabeled.tsv, split.json")
     sp.add_argument("--labels-per-class", type=int, required=True)
     sp.add_argument("--seed", type=int, default=0)
+    rp = sub.add_parser("report", help="(re)write RUN_DIR/report.html: the run's plots and tables")
+    rp.add_argument("run_dir", help="a run directory (made by `run` or `demo`)")
     return p
 
 
@@ -83,6 +86,15 @@ def _main(argv: list[str] | None) -> int:
         )
         return 0
 
+    if args.cmd == "report":
+        from .report import build_report
+
+        rep = build_report(args.run_dir)
+        for problem in rep.problems:
+            print(f"noisystudent: warning: report section {problem}", file=sys.stderr)
+        print(f"wrote {rep.path}")
+        return 0
+
     from .pipeline import open_run, run_pipeline
 
     cfg = (
@@ -92,6 +104,12 @@ def _main(argv: list[str] | None) -> int:
     )
     if args.cmd in ("run", "demo"):
         run_pipeline(cfg)
+        if args.cmd == "demo":
+            from .report import report_path
+
+            path = report_path(cfg.run_dir).resolve()
+            if path.is_file():
+                print(f"demo report (open in a browser): {path}")
         return 0
 
     from . import stages

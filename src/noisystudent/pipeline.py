@@ -6,6 +6,7 @@ manifest says it is done, so re-running the same command resumes where a run sto
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,4 +75,26 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     print()
     print(format_table(summary))
     print(f"\nrun directory: {run.root}")
+    write_run_report(cfg, run, data)
     return summary
+
+
+def write_run_report(cfg: Config, run: RunDir, data: Any = None) -> Path | None:
+    """report.html for the run (report.py). The results are on disk already, so a report that
+    fails is a clear warning naming the command to retry, never an error that loses the run."""
+    try:
+        from .report import build_report  # matplotlib is imported only here
+
+        rep = build_report(run.root, cfg, data)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        print(
+            f"noisystudent: warning: the run report could not be written ({type(e).__name__}: "
+            f"{msg}); the results are in {run.root}; retry with `noisystudent report {run.root}`",
+            file=sys.stderr,
+        )
+        return None
+    for problem in rep.problems:
+        print(f"noisystudent: warning: report section {problem}", file=sys.stderr)
+    print(f"report: {rep.path}")
+    return rep.path

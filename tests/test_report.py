@@ -1,0 +1,238 @@
+"""The run report: built for a tiny end-to-end run, every section present, every image opens."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from noisystudent import cli
+from noisystudent.config import load_config
+from noisystudent.errors import UserError
+from noisystudent.pipeline import run_pipeline
+from noisystudent.report import SECTIONS, build_report, report_path
+
+pytest.importorskip("matplotlib")
+
+# One teacher and one student on the built-in digits at 8x8: a few seconds on a laptop CPU.
+TINY = [
+    "models=[cifar_resnet8,cifar_resnet8]",
+    "data.dataset=digits",
+    "data.image_size=8",
+    "data.labels_per_class=10",
+    "data.hflip=false",
+    "teacher.epochs=3",
+    "teacher.batch_size=10",
+    "teacher.warmup_epochs=0",
+    "student.epochs=1",
+    "student.batch_size=25",
+    "student.ratio=2",
+    "student.randaugment=null",
+    "select.threshold=0.15",  # a briefly trained teacher is not confident
+    "device=cpu",
+    "progress=false",
+]
+
+ROBUSTNESS = {
+    "clean_top1": 91.5,
+    "corruption": {
+        "gaussian_noise": {"1": 12.0, "2": 20.5, "3": 33.0, "4": 47.0, "5": 61.0},
+        "motion_blur": {"1": 9.0, "2": 11.0, "3": 15.0, "4": 22.0, "5": 30.0},
+        "contrast": {"1": 8.5, "2": 9.5, "3": 12.0, "4": 20.0, "5": 48.0},
+    },
+    "unnormalized_ce": 25.2,
+    "mce": 80.1,
+    "relative_mce": 95.0,
+    "flip": {"gaussian_noise": 0.08, "translate": 0.03, "brightness": 0.01},
+    "mean_flip_prob": 0.04,
+    "mfr": 70.0,
+    "top5_distance": 0.12,
+    "adversarial": {
+        "fgsm": {"0": 91.5, "2": 60.0, "4": 41.0, "8": 20.0, "16": 8.0},
+        "pgd10_16": 1.5,
+    },
+    "filtered_hard_acc": 30.0,
+    "ece": 0.05,
+}
+
+
+class _Page(HTMLParser):
+    """Section ids, <img> sources and any other URL the page would load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[str] = []
+        self.imgs: list[str] = []
+        self.loads: list[str] = []  # src/href other than data: URIs and in-page anchors
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "section" and a.get("id"):
+            self.ids.append(a["id"])
+        if tag == "img":
+            self.imgs.append(a.get("src") or "")
+        for key in ("src", "href"):
+            v = a.get(key)
+            if v and not v.startswith(("data:", "#")):
+                self.loads.append(v)
+
+
+def _parse(path: Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text())
+    return page
+
+
+def _open_images(page: _Page, base: Path) -> list[Image.Image]:
+    out = []
+    for src in page.imgs:
+        if src.startswith("data:image/png;base64,"):
+            raw = base64.b64decode(src.split(",", 1)[1], validate=True)
+            img = Image.open(io.BytesIO(raw))
+        else:
+            path = base / src
+            assert path.is_file(), f"missing image {path}"
+            img = Image.open(path)
+        img.load()  # fully decodes: a truncated or corrupt image fails here
+        out.append(img)
+    return out
+
+
+def _section(html: str, sid: str) -> str:
+    m = re.search(rf'<section id="{sid}">(.*?)</section>', html, re.S)
+    assert m, f"section {sid} missing"
+    return m.group(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished teacher + student run (report.html written by the pipeline)."""
+    root = tmp_path_factory.mktemp("tiny") / "run"
+    # one thread: on a shared, busy CPU, tiny 8x8 batches run ~10x faster than with several
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_pipeline(load_config(None, TINY + [f"run_dir={root}"]))
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def test_pipeline_writes_report_with_every_section(tiny_run: Path) -> None:
+    path = report_path(tiny_run)
+    assert path.is_file(), "run_pipeline should write report.html at the end of the run"
+    page = _parse(path)
+    assert page.ids == [sid for sid, _ in SECTIONS]
+    assert not page.loads, f"the page must not load anything at view time: {page.loads}"
+    html = path.read_text()
+    # pictures expected from a teacher + one student: test top-1 by iteration, two training
+    # stages, one confidence histogram, one class-count chart, one sample grid, one confusion
+    imgs = _open_images(page, tiny_run)
+    assert len(imgs) >= 7
+    for img in imgs:
+        assert img.format == "PNG" and img.width >= 300 and img.height >= 150
+    for sid in ("training", "confidence", "selection", "samples", "confusion"):
+        assert "<img" in _section(html, sid), sid
+    assert "cifar_resnet8" in _section(html, "iterations")
+    assert "No robustness results" in _section(html, "robustness")
+
+
+def test_cli_report_with_synthetic_robustness_results(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    report_path(run).unlink()
+    (run / "iter1" / "robustness").mkdir()
+    (run / "iter1" / "robustness" / "results.json").write_text(json.dumps(ROBUSTNESS))
+    assert cli.main(["report", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert str(report_path(run)) in out and "warning" not in err
+    html = report_path(run).read_text()
+    sec = _section(html, "robustness")
+    assert sec.count("<img") == 3  # corruption heatmap, accuracy vs epsilon, flip rates
+    for text in ("mCE", "80.10", "PGD-10", "FGSM accuracy, ε = 16/255", "0.0400"):
+        assert text in sec, text
+    page = _parse(report_path(run))
+    assert page.ids == [sid for sid, _ in SECTIONS] and not page.loads
+    assert len(_open_images(page, run)) >= 10
+
+
+def test_partial_run_still_gets_every_section(tiny_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for p in ("iter0/pseudo", "iter0/select", "iter1"):
+        shutil.rmtree(run / p)
+    (run / "metrics.jsonl").write_text('{"stage": "iter0/train", "event": "train", "ste\n')
+    (run / "iter0" / "eval.json").write_text("{not json")
+    rep = build_report(run, tensorboard=False)
+    page = _parse(rep.path)
+    assert page.ids == [sid for sid, _ in SECTIONS]
+    assert len(rep.problems) == 1 and "eval.json" in rep.problems[0]
+    html = rep.path.read_text()
+    assert "No pseudo labels yet" in _section(html, "confidence")
+    assert "could not be drawn" in _section(html, "confusion")
+    _open_images(page, run)
+
+
+def test_not_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(UserError, match=re.escape(str(tmp_path))):
+        build_report(tmp_path)
+    missing = tmp_path / "nope"
+    assert cli.main(["report", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_failure_keeps_the_run(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["run_dir"] = str(run)  # a copied run directory, resumed where it is now
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("noisystudent.report.build_report", broken)
+    summary = run_pipeline(load_config(None, TINY + [f"run_dir={run}"]))  # all stages done
+    assert len(summary["iterations"]) == 2
+    err = capsys.readouterr().err
+    assert "boom" in err and f"noisystudent report {run}" in err
+
+
+def test_tensorboard_scalars_use_metrics_names(tiny_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from noisystudent.tb import export_scalars
+
+    out = tmp_path / "tb"
+    n = export_scalars(tiny_run / "metrics.jsonl", out)
+    assert n and n > 0
+    acc = EventAccumulator(str(out))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in (
+        "iter0/train/loss",
+        "iter0/train/train_acc",
+        "iter0/train/lr",
+        "iter0/evaluate/top1",
+    ):
+        assert tag in tags, tags
+    assert export_scalars(tiny_run / "metrics.jsonl", out) == n  # rebuilt, not appended
+    acc = EventAccumulator(str(out))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("iter0/train/loss")]
+    assert len(steps) == len(set(steps))
