@@ -1,7 +1,6 @@
 """End to end: a one-iteration pipeline (teacher + one student) on a tiny dataset, and resume."""
 
 import json
-import time
 
 import torch
 
@@ -14,9 +13,7 @@ from .conftest import tiny_overrides
 
 def test_one_iteration_pipeline_end_to_end(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    t0 = time.time()
     assert main(["run", str(_write_cfg(tmp_path)), *tiny_overrides(tiny_data, run)]) == 0
-    assert time.time() - t0 < 60
     out = capsys.readouterr().out
     assert "test top-1" in out and str(run) in out
     for rel in [

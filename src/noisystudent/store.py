@@ -1,34 +1,40 @@
 """The pseudo-label store: what a teacher said about every unlabeled image.
 
-On-disk format (version 1), a directory:
+On-disk format (version 2), a directory:
 
-    meta.json                 {"format": "noisystudent-pseudo-labels", "version": 1,
+    meta.json                 {"format": "noisystudent-pseudo-labels", "version": 2,
                                "num_classes": C, "k": k, "temperature": T, "count": N,
-                               "teacher": {...}, "shards": [{"name", "count"}, ...]}
+                               "teacher": {...}, "identity": {...},
+                               "shards": [{"name", "start", "count"}, ...]}
     shard-00000.safetensors   topk_prob (n, k) float16  teacher probabilities softmax(logits/T),
                                                       sorted descending
-                              topk_idx  (n, k) int32    their class indices
+                              topk_idx  (n, k) int16    their class indices (int32 if C > 32767)
                               max_prob  (n,)   float32  confidence (= topk_prob[:, 0] in fp32)
+                              metadata: format, version, start, count and the identity strings
+                              (teacher checkpoint sha256, unlabeled-data fingerprint)
     shard-00000.uids          n lines: the uid (relative path) of each row, in row order
 
+Shard j holds the rows [start, start + count) of the unlabeled set, in the order it was read.
 k = C (the full vector) when C <= 100, else 10 by default: the tail of the distribution carries
-little mass and the store stays small for many classes. Rows are in the order the unlabeled set
-was read. `meta.json` is written last, so a store without it is incomplete.
+little mass, and at 1,000 classes a row takes 44 bytes instead of the 4,000 of a float32 vector.
+`meta.json` is written last, so a store without it is incomplete. Reads are memory-mapped
+(safetensors): `iter_chunks` streams a store of any size in bounded memory.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from .errors import UserError
-from .rundir import atomic_write, load_tensors, read_json, save_tensors, write_json
+from .rundir import atomic_write, read_json, save_tensors, write_json
 
 FORMAT = "noisystudent-pseudo-labels"
-VERSION = 1
+VERSION = 2
 
 
 def default_topk(num_classes: int, topk: int | None) -> int:
@@ -37,8 +43,103 @@ def default_topk(num_classes: int, topk: int | None) -> int:
     return num_classes if num_classes <= 100 else 10
 
 
+def index_dtype(num_classes: int) -> torch.dtype:
+    return torch.int16 if num_classes <= 32767 else torch.int32
+
+
+def shard_name(j: int) -> str:
+    return f"shard-{j:05d}"
+
+
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """Fixed contiguous row ranges [start, end): the same for any number of ranks."""
+    return [(s, min(n, s + shard_size)) for s in range(0, n, shard_size)]
+
+
+def top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, C) probabilities -> their k largest (n, k) float32, descending, and class indices."""
+    p, i = probs.float().topk(k, dim=-1)
+    return p.cpu(), i.cpu()
+
+
+def write_shard(
+    root: str | Path,
+    j: int,
+    start: int,
+    topk_prob: torch.Tensor,
+    topk_idx: torch.Tensor,
+    uids: list[str],
+    num_classes: int,
+    identity: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Write shard j (rows start .. start+n) from top-k probabilities (n, k) and indices;
+    each file atomic, the .uids first, so a shard whose .safetensors exists is complete."""
+    root = Path(root)
+    name = shard_name(j)
+    atomic_write(root / f"{name}.uids", lambda f: f.write_text("".join(u + "\n" for u in uids)))
+    meta = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "start": str(start),
+        "count": str(len(uids)),
+        **{key: str(v) for key, v in (identity or {}).items()},
+    }
+    save_tensors(
+        root / f"{name}.safetensors",
+        {
+            "topk_prob": topk_prob.half(),
+            "topk_idx": topk_idx.to(index_dtype(num_classes)),
+            "max_prob": topk_prob[:, 0].float().contiguous(),
+        },
+        meta,
+    )
+    return {"name": name, "start": start, "count": len(uids)}
+
+
+def shard_metadata(path: str | Path) -> dict[str, str] | None:
+    """The metadata of a shard file, or None when it is missing or unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:
+        return None
+
+
+def write_meta(
+    root: str | Path,
+    num_classes: int,
+    k: int,
+    temperature: float,
+    teacher: dict[str, Any],
+    shards: list[dict[str, Any]],
+    identity: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    shards = sorted(shards, key=lambda s: s["start"])
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "num_classes": num_classes,
+        "k": k,
+        "temperature": temperature,
+        "count": sum(s["count"] for s in shards),
+        "teacher": teacher,
+        "identity": identity or {},
+        "shards": shards,
+    }
+    write_json(Path(root) / "meta.json", meta)
+    return meta
+
+
+def store_files(root: str | Path, shards: list[dict[str, Any]]) -> list[Path]:
+    root = Path(root)
+    out = [root / "meta.json"]
+    for s in shards:
+        out += [root / f"{s['name']}.safetensors", root / f"{s['name']}.uids"]
+    return out
+
+
 class StoreWriter:
-    """Append batches of probabilities; flushes a shard every `shard_size` rows."""
+    """Append batches of probabilities in row order; flushes a shard every `shard_size` rows."""
 
     def __init__(
         self,
@@ -48,122 +149,174 @@ class StoreWriter:
         temperature: float,
         teacher: dict[str, Any],
         shard_size: int = 65536,
+        identity: dict[str, str] | None = None,
     ):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "meta.json").unlink(missing_ok=True)
         self.num_classes, self.k, self.temperature = num_classes, k, temperature
-        self.teacher = teacher
+        self.teacher, self.identity = teacher, identity
         self.shard_size = shard_size
         self.shards: list[dict[str, Any]] = []
         self._buf: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []
         self._n = 0
 
     def add(self, probs: torch.Tensor, uids: list[str]) -> None:
-        """probs: (n, C) probabilities of one batch; uids: their n uids."""
-        p, i = probs.float().topk(self.k, dim=-1)
-        self._buf.append((p.cpu(), i.to(torch.int32).cpu(), list(uids)))
+        """probs: (n, C) probabilities of one batch; uids: their n uids. Shards are cut at
+        exact multiples of shard_size rows (the same ranges `shard_ranges` gives)."""
+        p, i = top_k(probs, self.k)
+        self._buf.append((p, i, list(uids)))
         self._n += len(uids)
-        if self._n >= self.shard_size:
-            self._flush()
+        while self._n >= self.shard_size:
+            self._flush(self.shard_size)
 
-    def _flush(self) -> None:
+    def _flush(self, rows: int | None = None) -> None:
         if not self._buf:
             return
         p = torch.cat([b[0] for b in self._buf])
         i = torch.cat([b[1] for b in self._buf])
         uids = [u for b in self._buf for u in b[2]]
-        name = f"shard-{len(self.shards):05d}"
-        save_tensors(
-            self.root / f"{name}.safetensors",
-            {"topk_prob": p.half(), "topk_idx": i, "max_prob": p[:, 0].contiguous()},
+        rows = len(uids) if rows is None else rows
+        start = sum(s["count"] for s in self.shards)
+        self.shards.append(
+            write_shard(
+                self.root,
+                len(self.shards),
+                start,
+                p[:rows],
+                i[:rows],
+                uids[:rows],
+                self.num_classes,
+                self.identity,
+            )
         )
-        atomic_write(self.root / f"{name}.uids", lambda f: f.write_text("\n".join(uids) + "\n"))
-        self.shards.append({"name": name, "count": len(uids)})
-        self._buf, self._n = [], 0
+        self._buf = [(p[rows:], i[rows:], uids[rows:])] if rows < len(uids) else []
+        self._n = len(uids) - rows
 
     def close(self) -> dict[str, Any]:
         self._flush()
-        meta = {
-            "format": FORMAT,
-            "version": VERSION,
-            "num_classes": self.num_classes,
-            "k": self.k,
-            "temperature": self.temperature,
-            "count": sum(s["count"] for s in self.shards),
-            "teacher": self.teacher,
-            "shards": self.shards,
-        }
-        write_json(self.root / "meta.json", meta)
-        return meta
+        return write_meta(
+            self.root,
+            self.num_classes,
+            self.k,
+            self.temperature,
+            self.teacher,
+            self.shards,
+            self.identity,
+        )
 
     def files(self) -> list[Path]:
-        out = [self.root / "meta.json"]
-        for s in self.shards:
-            out += [self.root / f"{s['name']}.safetensors", self.root / f"{s['name']}.uids"]
-        return out
+        return store_files(self.root, self.shards)
 
 
-@dataclass
 class PseudoLabelStore:
-    """A complete store, read into memory: uids, top-k probabilities and indices, confidence."""
+    """A complete store. Columns load lazily (memory-mapped safetensors); `iter_chunks` streams."""
 
-    meta: dict[str, Any]
-    uids: list[str]
-    topk_prob: torch.Tensor  # (N, k) float16
-    topk_idx: torch.Tensor  # (N, k) int32
-    max_prob: torch.Tensor  # (N,) float32
+    def __init__(self, root: str | Path, meta: dict[str, Any]):
+        self.root, self.meta = Path(root), meta
+        self._cache: dict[str, Any] = {}
 
     @property
     def num_classes(self) -> int:
         return int(self.meta["num_classes"])
 
-    @property
-    def pred(self) -> torch.Tensor:
-        return self.topk_idx[:, 0].long()
+    def __len__(self) -> int:
+        return int(self.meta["count"])
 
     @classmethod
-    def load(cls, root: str | Path) -> PseudoLabelStore:
+    def load(cls, root: str | Path, expect: dict[str, str] | None = None) -> PseudoLabelStore:
+        """Open a complete store; `expect` (e.g. teacher_sha256, data_fingerprint) must match the
+        identity it was written with, else it is refused."""
         root = Path(root)
         mp = root / "meta.json"
         if not mp.is_file():
             raise UserError(
-                f"no complete pseudo-label store in '{root}' (meta.json missing); run `noisystudent pseudo-label` first"
+                f"no complete pseudo-label store in '{root}' (meta.json missing); "
+                f"run `noisystudent pseudo-label` first"
             )
         meta = read_json(mp)
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise UserError(
-                f"'{mp}' is format {meta.get('format')} v{meta.get('version')}; this noisystudent reads {FORMAT} v{VERSION}"
+                f"'{mp}' is format {meta.get('format')} version {meta.get('version')}; "
+                f"this noisystudent reads {FORMAT} version {VERSION}: re-run pseudo-label"
             )
-        ps, ix, mx, uids = [], [], [], []
+        for key, want in (expect or {}).items():
+            have = meta.get("identity", {}).get(key)
+            if have != str(want):
+                raise UserError(
+                    f"pseudo-label store '{root}' was made with a different {key} "
+                    f"({have} != {want}); delete it and re-run pseudo-label"
+                )
+        pos = 0
         for s in meta["shards"]:
-            t = load_tensors(root / f"{s['name']}.safetensors")
-            ps.append(t["topk_prob"])
-            ix.append(t["topk_idx"])
-            mx.append(t["max_prob"])
-            uids += (root / f"{s['name']}.uids").read_text().splitlines()
-        k, c = meta["k"], meta["num_classes"]
-        empty = (
-            torch.zeros(0, k, dtype=torch.float16),
-            torch.zeros(0, k, dtype=torch.int32),
-            torch.zeros(0),
-        )
-        store = cls(
-            meta,
-            uids,
-            torch.cat(ps) if ps else empty[0],
-            torch.cat(ix) if ix else empty[1],
-            torch.cat(mx) if mx else empty[2],
-        )
-        if len(uids) != meta["count"] or len(store.max_prob) != meta["count"]:
+            f = root / f"{s['name']}.safetensors"
+            if not f.is_file() or not (root / f"{s['name']}.uids").is_file():
+                raise UserError(
+                    f"pseudo-label shard '{f}' is missing; delete '{root}' and re-run pseudo-label"
+                )
+            if s["start"] != pos:
+                raise UserError(
+                    f"pseudo-label store '{root}' has a gap or overlap at row {pos}; re-run pseudo-label"
+                )
+            pos += s["count"]
+        if pos != meta["count"]:
             raise UserError(
-                f"pseudo-label store '{root}' is inconsistent ({len(uids)} uids, {meta['count']} rows in meta); delete it and re-run pseudo-label"
+                f"pseudo-label store '{root}' is inconsistent ({pos} rows, {meta['count']} in meta.json)"
             )
-        if store.topk_idx.shape[1] != k or (len(uids) and int(store.topk_idx.max()) >= c):
-            raise UserError(
-                f"pseudo-label store '{root}' has class indices outside its {c} classes; delete it and re-run pseudo-label"
-            )
-        return store
+        return cls(root, meta)
+
+    # streaming -----------------------------------------------------------------------------
+    def iter_chunks(
+        self, fields: tuple[str, ...] = ("max_prob", "pred"), chunk: int = 1 << 20
+    ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Yield (first row, {field: tensor}) over the whole store, at most `chunk` rows at a time,
+        reading only those rows (memory-mapped). Fields: max_prob, pred, topk_prob, topk_idx."""
+        for s in self.meta["shards"]:
+            with safe_open(str(self.root / f"{s['name']}.safetensors"), framework="pt") as f:
+                for a in range(0, s["count"], chunk):
+                    b = min(s["count"], a + chunk)
+                    out = {}
+                    for name in fields:
+                        if name == "pred":
+                            out[name] = f.get_slice("topk_idx")[a:b][:, 0].long()
+                        else:
+                            out[name] = f.get_slice(name)[a:b]
+                    yield s["start"] + a, out
+
+    def _column(self, name: str) -> torch.Tensor:
+        if name not in self._cache:
+            parts = [c[name] for _, c in self.iter_chunks((name,))]
+            self._cache[name] = torch.cat(parts) if parts else torch.zeros(0)
+        return self._cache[name]
+
+    @property
+    def max_prob(self) -> torch.Tensor:  # (N,) float32
+        return self._column("max_prob")
+
+    @property
+    def pred(self) -> torch.Tensor:  # (N,) int64
+        return self._column("pred")
+
+    @property
+    def topk_prob(self) -> torch.Tensor:  # (N, k) float16
+        return self._column("topk_prob")
+
+    @property
+    def topk_idx(self) -> torch.Tensor:  # (N, k) int16/int32
+        return self._column("topk_idx")
+
+    @property
+    def uids(self) -> list[str]:
+        if "uids" not in self._cache:
+            u: list[str] = []
+            for s in self.meta["shards"]:
+                u += (self.root / f"{s['name']}.uids").read_text().splitlines()
+            if len(u) != len(self):
+                raise UserError(
+                    f"pseudo-label store '{self.root}' has {len(u)} uids for {len(self)} rows; re-run pseudo-label"
+                )
+            self._cache["uids"] = u
+        return self._cache["uids"]
 
     def dense(self, rows: torch.Tensor) -> torch.Tensor:
         """Full (len(rows), C) probability vectors for the given rows; a truncated top-k vector
