@@ -91,21 +91,14 @@ def test_fractional_copies_bernoulli_and_options():
     pred = torch.tensor([0] * 4 + [1] * 20)
     hist = confidence_histogram(conf, pred, 2)
     t, n = class_thresholds(hist, per_class=10, min_threshold=0.3)
-    c = copy_counts(conf, pred, t, n, 10, generator=torch.Generator().manual_seed(0))
+    c = copy_counts(conf, pred, t, n, 10, seed=0)
     assert set(c[:4].tolist()) <= {2, 3}  # 10 / 4 = 2.5 copies: 2 plus a coin flip
     assert set(c[4:].tolist()) <= {0, 1}  # 10 / 20 = 0.5: thinned
-    many = torch.stack(
-        [
-            copy_counts(conf, pred, t, n, 10, generator=torch.Generator().manual_seed(s))
-            for s in range(400)
-        ]
-    ).double()
+    many = torch.stack([copy_counts(conf, pred, t, n, 10, seed=s) for s in range(400)]).double()
     assert (
         abs(many[:, :4].mean().item() - 2.5) < 0.1 and abs(many[:, 4:].mean().item() - 0.5) < 0.05
     )
-    no_up = copy_counts(
-        conf, pred, t, n, 10, upsample=False, generator=torch.Generator().manual_seed(0)
-    )
+    no_up = copy_counts(conf, pred, t, n, 10, upsample=False, seed=0)
     assert no_up[:4].tolist() == [1, 1, 1, 1]
     all_ = copy_counts(conf, pred, t, n, 10, use_all=True)
     assert all_.tolist() == [1] * 24
@@ -123,3 +116,22 @@ def test_reference_select_deterministic_and_balanced_in_expectation():
     assert (conf[a] >= 0.3).all()
     # class 0 keeps its most confident images: its threshold is higher than the others'
     assert conf[a][pred[a] == 0].min() > conf[a][pred[a] == 1].min()
+
+
+def test_streaming_selection_equals_in_memory_for_any_chunking():
+    from noisystudent.selection import reference_select_stream, row_uniforms
+
+    g = torch.Generator().manual_seed(7)
+    conf = torch.rand(3000, generator=g)
+    pred = torch.randint(0, 6, (3000,), generator=g)
+    whole = reference_select(conf, pred, 6, per_class=200, seed=3)
+    for size in (1, 7, 1000, 2999):
+
+        def chunks(size=size):
+            return [(a, conf[a : a + size], pred[a : a + size]) for a in range(0, 3000, size)]
+
+        got = torch.cat(list(reference_select_stream(chunks, 6, per_class=200, seed=3)))
+        assert torch.equal(got, whole), size
+    u = row_uniforms(torch.arange(100000), seed=0)
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+    assert not torch.equal(u, row_uniforms(torch.arange(100000), seed=1))

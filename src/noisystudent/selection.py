@@ -7,6 +7,8 @@ more than once.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 import torch
 
 
@@ -105,6 +107,24 @@ def class_thresholds(
     return t, above.gather(1, t[:, None]).squeeze(1)
 
 
+_M64 = (1 << 64) - 1
+
+
+def _signed(x: int) -> int:
+    x &= _M64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def row_uniforms(rows: torch.Tensor, seed: int) -> torch.Tensor:
+    """A uniform [0, 1) number per row index, a pure function of (seed, row) (a splitmix64-style
+    hash), so the Bernoulli draws do not depend on chunk size, shard layout or rank count."""
+    x = rows.long() * _signed(0x9E3779B97F4A7C15) + _signed(seed * 0xD1B54A32D192ED03 + 1)
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _signed(0xBF58476D1CE4E5B9)
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _signed(0x94D049BB133111EB)
+    x = x ^ ((x >> 31) & ((1 << 33) - 1))
+    return ((x >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
+
+
 def copy_counts(
     conf: torch.Tensor,
     pred: torch.Tensor,
@@ -115,12 +135,14 @@ def copy_counts(
     use_all: bool = False,
     min_threshold: float = 0.3,
     max_prob: float = 1.0,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Copies of each image (N,) in the reference algorithm: an image of class c with
     t_c <= conf <= max_prob gets K / n_c(t_c) copies, the integer part plus one more with
-    probability equal to the fraction (seeded). `upsample=False` caps the count at 1;
-    `use_all` keeps every image above min_threshold exactly once."""
+    probability equal to the fraction (drawn by `row_uniforms(rows, seed)`; rows default to
+    0..N-1). `upsample=False` caps the count at 1; `use_all` keeps every image above
+    min_threshold exactly once."""
     b = confidence_bins(conf)
     pred = pred.long()
     if use_all:
@@ -130,8 +152,39 @@ def copy_counts(
     if not upsample:
         ratio = ratio.clamp(max=1.0)
     whole = ratio.floor()
-    u = torch.rand(len(conf), generator=generator, dtype=torch.float64)
+    u = row_uniforms(torch.arange(len(conf)) if rows is None else rows, seed)
     return torch.where(keep, whole + (u < ratio - whole).double(), torch.zeros_like(whole)).long()
+
+
+Chunks = Callable[[], Iterable[tuple[int, torch.Tensor, torch.Tensor]]]
+
+
+def reference_select_stream(
+    chunks: Chunks,
+    num_classes: int,
+    per_class: int | None = None,
+    min_threshold: float = 0.3,
+    upsample: bool = True,
+    use_all: bool = False,
+    seed: int = 0,
+) -> Iterator[torch.Tensor]:
+    """The reference selection over a store of any size: `chunks()` yields (first row, conf,
+    pred) and is called twice (a histogram pass, then a selection pass). Yields the selected
+    row indices chunk by chunk (each repeated by its copy count). Memory: C x 101 counters plus
+    one chunk. K defaults to the mean per-class count above min_threshold."""
+    hist = torch.zeros(num_classes, N_BINS, dtype=torch.long)
+    for _, conf, pred in chunks():
+        hist += confidence_histogram(conf, pred, num_classes)
+    if per_class is None:
+        kept = int(hist[:, round(min_threshold * 100) :].sum())
+        per_class = max(1, round(kept / num_classes))
+    t, n = class_thresholds(hist, per_class, min_threshold)
+    for start, conf, pred in chunks():
+        rows = torch.arange(start, start + len(conf))
+        c = copy_counts(
+            conf, pred, t, n, per_class, upsample, use_all, min_threshold, seed=seed, rows=rows
+        )
+        yield torch.repeat_interleave(rows, c)
 
 
 def reference_select(
@@ -144,13 +197,16 @@ def reference_select(
     use_all: bool = False,
     seed: int = 0,
 ) -> torch.Tensor:
-    """The reference selection on tensors in memory: row indices, each repeated by its copy
-    count. K defaults to the mean per-class count above min_threshold."""
-    hist = confidence_histogram(conf, pred, num_classes)
-    if per_class is None:
-        kept = hist[:, round(min_threshold * 100) :].sum()
-        per_class = max(1, round(int(kept) / num_classes))
-    t, n = class_thresholds(hist, per_class, min_threshold)
-    g = torch.Generator().manual_seed(seed)
-    copies = copy_counts(conf, pred, t, n, per_class, upsample, use_all, min_threshold, generator=g)
-    return torch.repeat_interleave(torch.arange(len(conf)), copies)
+    """The reference selection on tensors in memory (one chunk of the streaming version)."""
+    out = list(
+        reference_select_stream(
+            lambda: [(0, conf, pred)],
+            num_classes,
+            per_class,
+            min_threshold,
+            upsample,
+            use_all,
+            seed,
+        )
+    )
+    return torch.cat(out)
