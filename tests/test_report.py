@@ -59,10 +59,13 @@ ROBUSTNESS = {
     "adversarial": {
         "fgsm": {"0": 91.5, "2": 60.0, "4": 41.0, "8": 20.0, "16": 8.0},
         "pgd10_16": 1.5,
+        "pixel_space": "[0,1], eps = eps_px / 255",  # non-numbers are ignored
     },
     "filtered_hard_acc": 30.0,
-    "ece": 0.05,
+    "ece": 5.0,
 }
+# the reference model's own results: normalised scores are null, some parts not run
+REFERENCE = {**ROBUSTNESS, "mce": None, "relative_mce": None, "mfr": None, "flip": None}
 
 
 class _Page(HTMLParser):
@@ -152,15 +155,16 @@ def test_cli_report_with_synthetic_robustness_results(
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     report_path(run).unlink()
-    (run / "iter1" / "robustness").mkdir()
-    (run / "iter1" / "robustness" / "results.json").write_text(json.dumps(ROBUSTNESS))
+    for i, res in ((0, REFERENCE), (1, ROBUSTNESS)):
+        (run / f"iter{i}" / "robustness").mkdir()
+        (run / f"iter{i}" / "robustness" / "results.json").write_text(json.dumps(res))
     assert cli.main(["report", str(run)]) == 0
     out, err = capsys.readouterr()
     assert str(report_path(run)) in out and "warning" not in err
     html = report_path(run).read_text()
     sec = _section(html, "robustness")
-    assert sec.count("<img") == 3  # corruption heatmap, accuracy vs epsilon, flip rates
-    for text in ("mCE", "80.10", "PGD-10", "FGSM accuracy, ε = 16/255", "0.0400"):
+    assert sec.count("<img") == 3  # corruption heatmaps, accuracy vs epsilon, flip rates
+    for text in ("mCE", "80.10", "PGD-10", "FGSM accuracy, ε = 16/255", "0.0400", "–"):
         assert text in sec, text
     page = _parse(report_path(run))
     assert page.ids == [sid for sid, _ in SECTIONS] and not page.loads

@@ -21,6 +21,7 @@ import base64
 import html
 import io
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -764,17 +765,20 @@ def section_confusion(run: _Run) -> str:
 
 
 # robustness ---------------------------------------------------------------------------------
+# (key, row label with unit, format) of results.json's single numbers; see robustness/
 ROBUSTNESS_SCALARS = [
-    ("clean_top1", "clean top-1", "pct"),
-    ("mce", "mCE", "pct"),
-    ("relative_mce", "relative mCE", "pct"),
-    ("unnormalized_ce", "unnormalised CE", "pct"),
-    ("mfr", "mFR", "pct"),
-    ("mean_flip_prob", "mean flip probability", "frac"),
-    ("top5_distance", "mean top-5 distance", "plain"),
-    ("filtered_hard_acc", "filtered-hard accuracy", "pct"),
-    ("ece", "ECE", "plain"),
+    ("clean_top1", "clean top-1 (%)", "{:.2f}"),
+    ("clean_top5", "clean top-5 (%)", "{:.2f}"),
+    ("unnormalized_ce", "mean corruption error, unnormalised (%)", "{:.2f}"),
+    ("mce", "mCE, vs reference (%)", "{:.2f}"),
+    ("relative_mce", "relative mCE, vs reference (%)", "{:.2f}"),
+    ("mean_flip_prob", "mean flip probability (fraction of frames)", "{:.4f}"),
+    ("mfr", "mFR, vs reference (%)", "{:.2f}"),
+    ("top5_distance", "mean top-5 distance (ranks)", "{:.4f}"),
+    ("filtered_hard_acc", "filtered-hard accuracy (%)", "{:.2f}"),
+    ("ece", "expected calibration error, ECE (%)", "{:.2f}"),
 ]
+_PGD_KEY = re.compile(r"pgd(\d+)_(.+)")
 
 
 def _robustness_results(run: _Run) -> list[tuple[int, dict[str, Any]]]:
@@ -789,15 +793,150 @@ def _robustness_results(run: _Run) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
-def _show_scalar(v: Any, kind: str) -> str:
+def _dict(x: Any) -> dict[str, Any]:
+    return x if isinstance(x, dict) else {}
+
+
+def _fgsm_points(r: dict[str, Any]) -> list[tuple[float, float]]:
+    """[(eps in 1/255 pixel units, accuracy %)] of FGSM, sorted by eps."""
+    pts = [(_num(k), _num(v)) for k, v in _dict(_dict(r.get("adversarial")).get("fgsm")).items()]
+    return sorted((e, v) for e, v in pts if e is not None and v is not None)
+
+
+def _pgd_points(r: dict[str, Any]) -> list[tuple[int, float, float]]:
+    """[(steps, eps, accuracy %)] of every `pgd<steps>_<eps>` entry."""
+    out = []
+    for k, v in _dict(r.get("adversarial")).items():
+        m = _PGD_KEY.fullmatch(str(k))
+        if m and _num(m.group(2)) is not None and _num(v) is not None:
+            out.append((int(m.group(1)), _num(m.group(2)), _num(v)))
+    return sorted(out)
+
+
+def _fmt(v: Any, fmt: str) -> str:
     f = _num(v)
-    if f is None:
-        return "–"
-    if kind == "pct":
-        return f"{f:.2f}"
-    if kind == "frac":
-        return f"{f:.4f}"
-    return f"{f:.4g}"
+    return "–" if f is None else fmt.format(f)
+
+
+def _robustness_table(results: list[tuple[int, dict[str, Any]]], label: dict[int, str]) -> str:
+    rows = []
+    for key, name, fmt in ROBUSTNESS_SCALARS:
+        if any(_num(r.get(key)) is not None for _, r in results):
+            rows.append([name] + [_fmt(r.get(key), fmt) for _, r in results])
+    eps = sorted({e for _, r in results for e, _ in _fgsm_points(r)})
+    for e in eps:
+        rows.append(
+            [f"FGSM accuracy, ε = {e:g}/255 (%)"]
+            + [_fmt(dict(_fgsm_points(r)).get(e), "{:.2f}") for _, r in results]
+        )
+    pgd = sorted({(s, e) for _, r in results for s, e, _ in _pgd_points(r)})
+    for s, e in pgd:
+        rows.append(
+            [f"PGD-{s} accuracy, ε = {e:g}/255 (%)"]
+            + [
+                _fmt({(a, b): v for a, b, v in _pgd_points(r)}.get((s, e)), "{:.2f}")
+                for _, r in results
+            ]
+        )
+    if not rows:
+        return ""
+    return _table(
+        ["metric"] + [label[i] for i, _ in results], rows, set(range(1, len(results) + 1))
+    )
+
+
+def _corruption_figure(corr: list[tuple[int, dict[str, Any]]], label: dict[int, str]) -> Any:
+    """One heatmap per model (corruption x severity, error %), on one shared colour scale."""
+    names = list(dict.fromkeys(n for _, c in corr for n in c))  # results.json order
+    sevs = sorted({s for _, c in corr for n in c for s in _dict(c[n])}, key=lambda s: _num(s) or 0)
+    mats = []
+    for _, c in corr:
+        m = np.full((len(names), len(sevs)), np.nan)
+        for a, n in enumerate(names):
+            for b, s in enumerate(sevs):
+                v = _num(_dict(c.get(n)).get(s))
+                if v is not None:
+                    m[a, b] = v
+        mats.append(m)
+    finite = np.concatenate([m[np.isfinite(m)] for m in mats])
+    vmax = max(1.0, float(finite.max())) if len(finite) else 100.0
+    cols = min(3, len(corr))
+    rows = (len(corr) + cols - 1) // cols
+    fig = _figure(4.0 * cols + 1.6, rows * (0.3 * len(names) + 1.3))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
+    im = None
+    for k, ((i, _), m) in enumerate(zip(corr, mats, strict=True)):
+        ax = axes[k]
+        im = ax.imshow(m, cmap="magma_r", vmin=0, vmax=vmax, aspect="auto")
+        ax.set_xticks(range(len(sevs)))
+        ax.set_xticklabels(sevs)
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(
+            [n.replace("_", " ") for n in names] if k % cols == 0 else [], fontsize=8
+        )
+        for a in range(len(names)):
+            for b in range(len(sevs)):
+                if np.isfinite(m[a, b]):
+                    ax.text(
+                        b,
+                        a,
+                        f"{m[a, b]:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if m[a, b] > 0.55 * vmax else "black",
+                    )
+        ax.set_xlabel("severity (1 mildest … 5 strongest)")
+        ax.set_title(label[i], fontsize=10)
+    for ax in axes[len(corr) :]:
+        ax.axis("off")
+    cb = fig.colorbar(im, ax=list(axes), shrink=0.9)
+    cb.set_label("top-1 error (%)")
+    fig.suptitle("Error by corruption and severity", fontsize=11)
+    return fig
+
+
+def _adversarial_figure(results: list[tuple[int, dict[str, Any]]], label: dict[int, str]) -> Any:
+    fig = _figure(7.5, 3.8)
+    ax = fig.add_subplot()
+    for n, (i, r) in enumerate(results):
+        pts = _fgsm_points(r)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "o-", color=f"C{n}", label=f"{label[i]}: FGSM")
+        for s, e, v in _pgd_points(r):
+            ax.plot([e], [v], "s", ms=8, mfc="none", color=f"C{n}", label=f"{label[i]}: PGD-{s}")
+    ax.set_xlabel("attack size ε (pixel units of 1/255)")
+    ax.set_ylabel("accuracy under attack (%)")
+    ax.set_title("Adversarial robustness: accuracy vs ε")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _flip_figure(flips: list[tuple[int, dict[str, Any]]], label: dict[int, str]) -> Any:
+    perts = list(dict.fromkeys(p for _, f in flips for p in f))
+    fig = _figure(max(6.0, 0.9 * len(perts) + 2.5), 3.8)
+    ax = fig.add_subplot()
+    w = 0.8 / len(flips)
+    x = np.arange(len(perts))
+    for n, (i, f) in enumerate(flips):
+        vals = [_num(f.get(p)) for p in perts]
+        ax.bar(
+            x + (n - (len(flips) - 1) / 2) * w,
+            [np.nan if v is None else v for v in vals],
+            w,
+            label=label[i],
+            color=f"C{n}",
+        )
+    ax.set_xticks(x)
+    ax.set_xticklabels([p.replace("_", " ") for p in perts], rotation=30, ha="right")
+    ax.set_xlabel("perturbation sequence")
+    ax.set_ylabel("flip probability (fraction of frames)")
+    ax.set_title("Top-1 prediction flips along perturbation sequences")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return fig
 
 
 def section_robustness(run: _Run) -> str:
@@ -808,155 +947,22 @@ def section_robustness(run: _Run) -> str:
             "fills in once the robustness stage has run."
         )
     label = {i: f"iter{i} {run.cfg.models[i]}" for i, _ in results}
-    out = []
-    # summary table: one row per metric, one column per evaluated model
-    rows = []
-    for key, name, kind in ROBUSTNESS_SCALARS:
-        if any(key in r for _, r in results):
-            rows.append([name] + [_show_scalar(r.get(key), kind) for _, r in results])
-    adv_keys = []
-    for _, r in results:
-        for k in (r.get("adversarial") or {}).get("fgsm", {}) or {}:
-            if k not in adv_keys:
-                adv_keys.append(k)
-    adv_keys.sort(key=lambda s: _num(s) if _num(s) is not None else 1e9)
-    for k in adv_keys:
-        rows.append(
-            [f"FGSM accuracy, ε = {k}/255"]
-            + [
-                _show_scalar(((r.get("adversarial") or {}).get("fgsm") or {}).get(k), "pct")
-                for _, r in results
-            ]
+    out = [_robustness_table(results, label)]
+    out.append(
+        _note(
+            "mCE and mFR: corruption error and flip rate normalised by the reference model "
+            "(= 100 for the reference), as in the paper's ImageNet-C/-P protocols; "
+            "filtered-hard: accuracy on the test images the reference gets wrong."
         )
-    if any("pgd10_16" in (r.get("adversarial") or {}) for _, r in results):
-        rows.append(
-            ["PGD-10 accuracy, ε = 16/255"]
-            + [
-                _show_scalar((r.get("adversarial") or {}).get("pgd10_16"), "pct")
-                for _, r in results
-            ]
-        )
-    if rows:
-        out.append(
-            _table(
-                ["metric"] + [label[i] for i, _ in results],
-                rows,
-                num_cols=set(range(1, len(results) + 1)),
-            )
-            + _note(
-                "Percentages (%) for accuracies and errors (mCE: corruption error normalised by "
-                "the reference model, as in the paper's ImageNet-C protocol; mFR likewise for "
-                "flip rates); flip probability as a fraction of consecutive frames; ECE as a "
-                "fraction."
-            )
-        )
-    # corruption heatmaps, on one shared colour scale
-    corr = [
-        (i, r["corruption"])
-        for i, r in results
-        if isinstance(r.get("corruption"), dict) and r["corruption"]
-    ]
+    )
+    corr = [(i, r["corruption"]) for i, r in results if _dict(r.get("corruption"))]
     if corr:
-        all_vals = [
-            v
-            for _, c in corr
-            for sev in c.values()
-            if isinstance(sev, dict)
-            for v in (_num(x) for x in sev.values())
-            if v is not None
-        ]
-        vmax = max(all_vals) if all_vals else 100.0
-        for i, c in corr:
-            names = sorted(c)
-            sevs = sorted({s for n in names for s in (c[n] or {})}, key=lambda s: _num(s) or 0)
-            m = np.full((len(names), len(sevs)), np.nan)
-            for a, n in enumerate(names):
-                for b, s in enumerate(sevs):
-                    v = _num((c[n] or {}).get(s))
-                    if v is not None:
-                        m[a, b] = v
-            fig = _figure(7.5, 0.32 * len(names) + 1.6)
-            ax = fig.add_subplot()
-            im = ax.imshow(m, cmap="magma_r", vmin=0, vmax=vmax, aspect="auto")
-            cb = fig.colorbar(im, ax=ax)
-            cb.set_label("top-1 error (%)")
-            ax.set_xticks(range(len(sevs)))
-            ax.set_xticklabels(sevs)
-            ax.set_yticks(range(len(names)))
-            ax.set_yticklabels([n.replace("_", " ") for n in names], fontsize=8)
-            for a in range(len(names)):
-                for b in range(len(sevs)):
-                    if np.isfinite(m[a, b]):
-                        ax.text(
-                            b,
-                            a,
-                            f"{m[a, b]:.0f}",
-                            ha="center",
-                            va="center",
-                            fontsize=7,
-                            color="white" if m[a, b] > 0.55 * vmax else "black",
-                        )
-            ax.set_xlabel("corruption severity (1 = mildest, 5 = strongest)")
-            ax.set_ylabel("corruption")
-            ax.set_title(f"{label[i]}: error by corruption and severity")
-            out.append(_img(fig, f"corruption error heatmap, iteration {i}"))
-    # accuracy vs epsilon
-    adv = [(i, r["adversarial"]) for i, r in results if isinstance(r.get("adversarial"), dict)]
-    if adv:
-        fig = _figure(7.5, 3.6)
-        ax = fig.add_subplot()
-        for n, (i, a) in enumerate(adv):
-            fgsm = a.get("fgsm") or {}
-            pts = sorted(
-                (e, v)
-                for e, v in ((_num(k), _num(x)) for k, x in fgsm.items())
-                if e is not None and v is not None
-            )
-            if pts:
-                ax.plot(
-                    [p[0] for p in pts],
-                    [p[1] for p in pts],
-                    "o-",
-                    color=f"C{n}",
-                    label=f"{label[i]}: FGSM",
-                )
-            pgd = _num(a.get("pgd10_16"))
-            if pgd is not None:
-                ax.plot(
-                    [16], [pgd], "s", ms=8, mfc="none", color=f"C{n}", label=f"{label[i]}: PGD-10"
-                )
-        ax.set_xlabel("attack strength ε (pixel units of 1/255)")
-        ax.set_ylabel("accuracy under attack (%)")
-        ax.set_title("Adversarial robustness: accuracy vs ε")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        out.append(_img(fig, "accuracy under attack vs epsilon"))
-    # flip rates
-    flips = [(i, r["flip"]) for i, r in results if isinstance(r.get("flip"), dict) and r["flip"]]
+        out.append(_img(_corruption_figure(corr, label), "error by corruption and severity"))
+    if any(_fgsm_points(r) or _pgd_points(r) for _, r in results):
+        out.append(_img(_adversarial_figure(results, label), "accuracy under attack vs epsilon"))
+    flips = [(i, r["flip"]) for i, r in results if _dict(r.get("flip"))]
     if flips:
-        perts = sorted({p for _, f in flips for p in f})
-        fig = _figure(max(6.0, 0.9 * len(perts) + 2.5), 3.6)
-        ax = fig.add_subplot()
-        w = 0.8 / len(flips)
-        x = np.arange(len(perts))
-        for n, (i, f) in enumerate(flips):
-            vals = [_num(f.get(p)) for p in perts]
-            ax.bar(
-                x + (n - (len(flips) - 1) / 2) * w,
-                [np.nan if v is None else v for v in vals],
-                w,
-                label=label[i],
-                color=f"C{n}",
-            )
-        ax.set_xticks(x)
-        ax.set_xticklabels([p.replace("_", " ") for p in perts], rotation=30, ha="right")
-        ax.set_xlabel("perturbation sequence")
-        ax.set_ylabel("flip probability (fraction of frames)")
-        ax.set_title("Prediction flips between consecutive perturbed frames")
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
-        out.append(_img(fig, "flip probability by perturbation"))
+        out.append(_img(_flip_figure(flips, label), "flip probability by perturbation"))
     return "\n".join(out)
 
 
