@@ -136,12 +136,12 @@ class BadImageLog:
                     self.uids.append(u)
                     self._seen.add(u)
 
-    def add(self, uid: str, reason: str = "", write: bool = True) -> None:
-        """Record one unreadable image (raises per the policy)."""
+    def add(self, uid: str, reason: str = "", write: bool = True, check: bool = True) -> None:
+        """Record one unreadable image (raises per the policy; `check`: the limit too)."""
         if uid in self._seen:
             return
         if not self.skip:
-            what = reason or f"cannot read {self.what} image '{uid}'"
+            what = reason or f"cannot read image '{uid}'"
             raise UserError(
                 f"{what} ({self.what} data); fix or remove the file, or set {self.option}=skip to skip unreadable images"
             )
@@ -149,7 +149,8 @@ class BadImageLog:
         self._seen.add(uid)
         if write:
             self.write()
-        self.check()
+        if check:
+            self.check()
 
     def check(self) -> None:
         if len(self.uids) > self.max_fraction * self.total:

@@ -114,8 +114,9 @@ def load_data(cfg: Config, run: RunDir) -> Data:
                     f"skip unreadable images"
                 ) from None
             for u in s.skipped:
-                log.add(u, write=False)
+                log.add(u, write=False, check=False)
             log.write()  # also removes a listing a fixed set no longer needs
+            log.check()
             if s.skipped:
                 print(
                     f"skipped {len(s.skipped)} unreadable {what} images (listed in {log.listing})"
@@ -338,6 +339,7 @@ def evaluate_stage(cfg: Config, run: RunDir, data: Data, i: int) -> dict[str, An
     if run.stage_done(name):
         return read_json(path)
     model, _ = load_model(run, i, "model", cfg.models[i], data.classes)
+    run.mark(name, "running")
     res = run_eval(
         model,
         data.test,
@@ -396,6 +398,7 @@ def pseudo_label_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
         (root / "progress.json").unlink(missing_ok=True)
         return
     model, meta = load_model(run, i, "teacher", cfg.models[i], data.classes)
+    run.mark(name, "running")
     k = default_topk(len(data.classes), cfg.pseudo.topk)
     n = len(data.unlabeled)
     ident = {
@@ -407,7 +410,9 @@ def pseudo_label_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
         "mode": cfg.pseudo.mode,
         "shard_size": PSEUDO_SHARD_SIZE,
     }
-    shards, start, correct, audited = _pseudo_resume(root, ident, data)
+    shards, next_pos, correct, audited = _pseudo_resume(root, ident, data)
+    b = cfg.pseudo.batch_size
+    start = next_pos // b * b  # restart on the uninterrupted run's batch grid (same numerics) ...
     writer = StoreWriter(
         root,
         len(data.classes),
@@ -417,8 +422,9 @@ def pseudo_label_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
         shard_size=PSEUDO_SHARD_SIZE,
     )
     writer.shards = list(shards)
-    if start:
-        run.log(stage=name, event="resume", position=start, shards=len(shards))
+    if next_pos:
+        run.log(stage=name, event="resume", position=next_pos, shards=len(shards))
+    pending: list[int] = []  # dataset positions of rows added but not yet in a complete shard
     # clean eval view (no augmentation), from the first image no complete shard holds
     ds = ViewDataset(data.unlabeled.subset(np.arange(start, n)), data.size)
     hidden = torch.from_numpy(data.unlabeled.labels)
@@ -432,19 +438,24 @@ def pseudo_label_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
         f"pseudo-label iter{i}",
     ):
         idx = idx + start
+        new = idx >= next_pos  # ... and drop the rows a complete shard already holds
+        if not bool(new.any()):
+            continue
+        idx, logits = idx[new], logits[new]
         probs = torch.softmax(logits / cfg.pseudo.temperature, dim=1)
-        before = len(writer.shards)
+        before = sum(sh["count"] for sh in writer.shards)
         writer.add(probs, [data.unlabeled.uids[j] for j in idx.tolist()])
+        pending += idx.tolist()
         h = hidden[idx]
         known = h >= 0
         correct += (probs.argmax(1)[known] == h[known]).sum().item()
         audited += int(known.sum())
-        if len(writer.shards) != before:  # a shard was flushed: record where to resume
-            b = cfg.pseudo.batch_size  # the end of this batch (its last images may be skipped)
-            nxt = start + ((int(idx.max()) - start) // b + 1) * b
+        flushed = sum(sh["count"] for sh in writer.shards) - before
+        if flushed:  # a shard was written: record where to resume
+            pending = pending[flushed:]
+            nxt = pending[0] if pending else min(n, (int(idx.max()) - start) // b * b + start + b)
             write_json(
-                root / "progress.json",
-                {"identity": ident, "shards": writer.shards, "next": min(n, nxt)},
+                root / "progress.json", {"identity": ident, "shards": writer.shards, "next": nxt}
             )
     writer.close()
     audit = {"audited": audited, "accuracy": 100.0 * correct / audited if audited else None}
