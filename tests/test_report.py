@@ -178,10 +178,12 @@ def test_partial_run_still_gets_every_section(tiny_run: Path, tmp_path: Path) ->
         shutil.rmtree(run / p)
     (run / "metrics.jsonl").write_text('{"stage": "iter0/train", "event": "train", "ste\n')
     (run / "iter0" / "eval.json").write_text("{not json")
+    (run / "summary.json").write_text("[]")
     rep = build_report(run, tensorboard=False)
     page = _parse(rep.path)
     assert page.ids == [sid for sid, _ in SECTIONS]
-    assert len(rep.problems) == 1 and "eval.json" in rep.problems[0]
+    assert len(rep.problems) == 2, rep.problems
+    assert "summary.json" in rep.problems[0] and "eval.json" in rep.problems[1]
     html = rep.path.read_text()
     assert "No pseudo labels yet" in _section(html, "confidence")
     assert "could not be drawn" in _section(html, "confusion")
