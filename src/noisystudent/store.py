@@ -209,6 +209,25 @@ class StoreWriter:
         return store_files(self.root, self.shards)
 
 
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc). Streaming many chunks of varying sizes
+    otherwise ratchets glibc's mmap threshold up and fragments the heap: measured here, peak RSS
+    of a selection over 10M rows grew 1.58x over 1M without this, 1.005x with it."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
 class PseudoLabelStore:
     """A complete store. Columns load lazily (memory-mapped safetensors); `iter_chunks` streams."""
 
@@ -282,6 +301,7 @@ class PseudoLabelStore:
                         else:
                             out[name] = f.get_slice(name)[a:b]
                     yield s["start"] + a, out
+            _release_free_memory()
 
     def _column(self, name: str) -> torch.Tensor:
         if name not in self._cache:

@@ -1,0 +1,148 @@
+"""Pseudo-label store at scale: bytes per image, selection throughput and peak memory.
+
+    python bench/store_scale.py [--sizes 1000000 10000000] [--classes 1000] [--cache DIR]
+
+For each size it writes a synthetic store (C classes, default top-k) with the project's own
+StoreWriter, then, in a fresh subprocess per size (so peak RSS is that of the selection alone),
+runs the project's streaming reference selection (`selection.reference_select_stream` over
+`PseudoLabelStore.iter_chunks`: a histogram pass and a selection pass) and writes the selected
+rows to disk. Writes bench/results/store_scale.json and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from noisystudent.store import PseudoLabelStore, default_topk, shard_ranges, write_meta, write_shard
+
+ROOT = Path(__file__).resolve().parent
+
+
+def make_store(root: Path, n: int, c: int, seed: int = 0, shard: int = 1 << 20) -> float:
+    """Synthetic teacher outputs written with the project's shard writer: top-k probabilities
+    (a peaked, randomly tempered distribution) over distinct classes with a skewed class prior."""
+    if (root / "meta.json").is_file():
+        return 0.0
+    t0 = time.time()
+    root.mkdir(parents=True, exist_ok=True)
+    k = default_topk(c, None)
+    g = torch.Generator().manual_seed(seed)
+    prior = torch.distributions.Dirichlet(torch.full((c,), 0.5)).sample()
+    shards = []
+    for j, (a, b) in enumerate(shard_ranges(n, shard)):
+        m = b - a
+        top = torch.multinomial(prior, m, replacement=True, generator=g)
+        offs = torch.randperm(c - 1, generator=g)[: k - 1] + 1  # k distinct classes per row
+        idx = (top[:, None] + torch.cat([torch.zeros(1, dtype=torch.long), offs])[None]) % c
+        logits = torch.randn(m, k, generator=g)
+        logits[:, 0] += torch.rand(m, generator=g) * 8
+        p = torch.softmax(logits, 1).sort(1, descending=True).values
+        uids = [f"part{a // 1_000_000:04d}/img{r:09d}.jpg" for r in range(a, b)]
+        shards.append(write_shard(root, j, a, p, idx, uids, c))
+    write_meta(root, c, k, 1.0, {"model": "synthetic"}, shards)
+    return time.time() - t0
+
+
+def select_child(store_dir: str, out: str) -> None:
+    """Run in a subprocess: stream-select and write rows; print JSON with timing and peak RSS."""
+    from noisystudent.selection import reference_select_stream
+
+    store = PseudoLabelStore.load(store_dir)
+    chunks = lambda: ((s, ch["max_prob"], ch["pred"]) for s, ch in store.iter_chunks(chunk=1 << 18))  # noqa: E731
+    t0 = time.time()
+    n_sel = 0
+    with open(out, "wb") as f:
+        for rows in reference_select_stream(chunks, store.num_classes, min_threshold=0.3, seed=0):
+            f.write(rows.numpy().astype(np.int64).tobytes())
+            n_sel += len(rows)
+    dt = time.time() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        json.dumps(
+            {
+                "entries": len(store),
+                "selected": n_sel,
+                "seconds": dt,
+                "entries_per_s": len(store) / dt,  # store entries per second, both passes included
+                "peak_rss_mb": peak_mb,
+            }
+        )
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/noisystudent/store_scale"))
+    ap.add_argument("--out", default=str(ROOT / "results" / "store_scale.json"))
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return select_child(*args.child)
+
+    c = args.classes
+    k = default_topk(c, None)
+    result: dict = {"classes": c, "k": k}
+    for n in args.sizes:
+        d = Path(args.cache) / f"n{n}_c{c}"
+        build = make_store(d, n, c)
+        files = list(d.glob("shard-*"))
+        label_bytes = sum(f.stat().st_size for f in files if f.suffix == ".safetensors")
+        uid_bytes = sum(f.stat().st_size for f in files if f.suffix == ".uids")
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", str(d), str(d / "selected.bin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        tag = f"{n // 1_000_000}M" if n % 1_000_000 == 0 else str(n)
+        result[tag] = {
+            "entries": n,
+            "selected_rows": r["selected"],
+            "entries_per_s": round(r["entries_per_s"]),
+            "select_seconds": round(r["seconds"], 2),
+            "peak_rss_mb": round(r["peak_rss_mb"], 1),
+            "store_build_seconds": round(build, 1),
+        }
+        if "bytes_per_image" not in result:
+            result["bytes_per_image"] = round(
+                label_bytes / n, 2
+            )  # probabilities + indices + confidence
+            result["uid_bytes_per_image"] = round(
+                uid_bytes / n, 2
+            )  # the uid text, which any store needs
+            result["reference_bytes_per_image"] = 4 * c  # the reference code's float32 full vector
+            result["reduction_x"] = round(
+                result["reference_bytes_per_image"] / result["bytes_per_image"], 1
+            )
+            result["reduction_x_with_uids"] = round(
+                (4 * c + result["uid_bytes_per_image"])
+                / (result["bytes_per_image"] + result["uid_bytes_per_image"]),
+                1,
+            )
+        print(json.dumps({tag: result[tag]}), flush=True)
+    tags = [t for t in result if t.endswith("M")]
+    if len(tags) >= 2:
+        result["peak_rss_ratio_largest_vs_smallest"] = round(
+            result[tags[-1]]["peak_rss_mb"] / result[tags[0]]["peak_rss_mb"], 3
+        )
+    result["command"] = "python bench/store_scale.py " + " ".join(sys.argv[1:])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
