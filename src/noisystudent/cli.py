@@ -109,7 +109,7 @@ def _main(argv: list[str] | None) -> int:
 
             path = report_path(cfg.run_dir).resolve()
             if path.is_file():
-                print(f"demo report (open in a browser): {path}")
+                print(f"open the demo's report in a browser: {path.as_uri()}")
         return 0
 
     from . import stages

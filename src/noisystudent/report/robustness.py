@@ -134,6 +134,8 @@ def _corruption_figure(corr: list[tuple[int, dict[str, Any]]], label: dict[int, 
                         color="white" if m[a, b] > 0.55 * vmax else "black",
                     )
         ax.set_xlabel("severity (1 mildest … 5 strongest)")
+        if k % cols == 0:
+            ax.set_ylabel("corruption")
         ax.set_title(label[i], fontsize=10)
     for ax in axes[len(corr) :]:
         ax.axis("off")

@@ -256,7 +256,7 @@ def _reliability(ax: Any, conf: np.ndarray, correct: np.ndarray, threshold: floa
     ax.set_xlabel("teacher confidence (%, bins of 10)")
     ax.set_ylabel("pseudo-label accuracy (%)")
     ax.set_title("Accuracy vs confidence (hidden labels)")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
 
 
@@ -289,7 +289,7 @@ def section_confidence(run: RunFiles) -> str:
             ax.hist(conf, bins=bins, color="C0", label="unlabeled images")
         ax.axvline(t, color="k", ls="--", label=f"selection threshold {t:g}")
         ax.set_xlim(0, 1)
-        ax.set_xlabel("teacher confidence: max softmax probability")
+        ax.set_xlabel("teacher confidence: max softmax probability (0–1)")
         ax.set_ylabel("unlabeled images (count)")
         ax.set_title(
             f"iter{i}: confidence of teacher {run.cfg.models[i]} on {len(conf):,} unlabeled images"
@@ -350,7 +350,9 @@ def section_selection(run: RunFiles) -> str:
             ax.set_xlabel(f"class rank by pseudo-label count ({n} classes)")
         ax.set_ylabel("images per class (count)")
         ax.set_title(f"iter{i}: per-class pseudo labels of teacher {run.cfg.models[i]}")
-        ax.legend(fontsize=8)
+        top = max(float(before.max()), float(filt.max()), float(after.max()), 1.0)
+        ax.set_ylim(0, 1.22 * top)  # headroom: the legend sits above the bars, never on them
+        ax.legend(fontsize=8, loc="upper center", ncol=3)
         ax.grid(alpha=0.3, axis="y")
         kf = num(c.get("kept_fraction"))
         acc = num(c.get("pseudo_label_acc"))
