@@ -8,6 +8,8 @@
     noisystudent train-student CONFIG [--iteration I] [key=value ...]
     noisystudent evaluate      CONFIG [--iteration I] [key=value ...]
     noisystudent split SRC OUT --labels-per-class N [--seed S]
+    noisystudent robustness    CONFIG [--iteration I ...] [--subset N] [--reference I|PATH|none]
+                               [--hard-dir DIR] [--seed S] [--table T] [key=value ...]
     noisystudent report RUN_DIR                       (re)write RUN_DIR/report.html
 
 CONFIG is a YAML file or an existing run directory (its config.yaml).
@@ -62,6 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     with_config("select", "filter and balance model I's pseudo labels", 0)
     with_config("train-student", "train student I on labeled + model I-1's pseudo labels", 1)
     with_config("evaluate", "test accuracy of model I", 0)
+    rb = with_config(
+        "robustness", "corruption error, flip rate, adversarial and filtered-hard accuracy"
+    )
+    rb.add_argument(
+        "--iteration", type=int, action="append", help="model(s) to evaluate (default: all trained)"
+    )
+    rb.add_argument("--subset", type=int, help="evaluate N test images (seeded choice)")
+    rb.add_argument("--reference", help="iteration, results.json path or 'none' (default 0)")
+    rb.add_argument("--hard-dir", help="class-folder set of natural hard images to evaluate too")
+    rb.add_argument("--seed", type=int, help="corruption/subset/PGD seed (default 0)")
+    rb.add_argument("--table", help="corruption table: auto, cifar32, tiny64, imagenet224")
     sp = sub.add_parser(
         "split", help="labeled class folders -> labeled.tsv + unlabeled.tsv index files"
     )
@@ -110,6 +123,30 @@ def _main(argv: list[str] | None) -> int:
             path = report_path(cfg.run_dir).resolve()
             if path.is_file():
                 print(f"open the demo's report in a browser: {path.as_uri()}")
+        return 0
+
+    if args.cmd == "robustness":
+        from .robustness.stage import run_robustness
+
+        rc = cfg.robustness
+        for flag, key in (("subset", "subset"), ("reference", "reference"), ("seed", "seed")):
+            if getattr(args, flag) is not None:
+                setattr(rc, key, getattr(args, flag))
+        rc.hard_dir = args.hard_dir if args.hard_dir is not None else rc.hard_dir
+        rc.table = args.table if args.table is not None else rc.table
+        its = args.iteration
+        if its is None:
+            from pathlib import Path
+
+            root = Path(cfg.run_dir)
+            its = [
+                i for i in range(len(cfg.models)) if (root / f"iter{i}/model.safetensors").is_file()
+            ]
+            if not its:
+                raise UserError(
+                    f"no trained model in '{cfg.run_dir}'; run `noisystudent run` first"
+                )
+        run_robustness(cfg, its)
         return 0
 
     from . import stages

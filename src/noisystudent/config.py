@@ -88,6 +88,28 @@ class SelectConfig:
 
 
 @dataclass
+class RobustnessConfig:
+    """`noisystudent robustness` and the pipeline's per-iteration robustness stage (README,
+    "Robustness evaluation"; protocols in docs/robustness.md)."""
+
+    enabled: bool = False  # pipeline: evaluate every model after training (off: the demo stays fast)
+    subset: int | None = None  # test images used (seeded choice); None: the whole test set
+    seed: int = 0  # corruption/perturbation RNG, subset choice, PGD random start
+    table: str = "auto"  # corruption parameters: auto (by image size), cifar32, tiny64, imagenet224
+    reference: str = "0"  # iteration normalising mCE/mFR and filtering hard images; or a
+    #   results.json path, or "none". Default: the iteration-0 teacher (paper: with vs without NS)
+    corruptions: bool = True
+    perturbations: bool = True
+    perturbation_subset: int | None = None  # sequences used (first K of the subset); None: all
+    adversarial: bool = True
+    fgsm_eps: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0, 8.0, 16.0])  # /255
+    pgd_eps: float = 16.0  # paper: PGD-10 at eps 16/255, step eps/4, random start
+    pgd_steps: int = 10
+    hard_dir: str | None = None  # optional class-folder set of natural "hard" images
+    frost_dir: str | None = None  # frost1..frost5 images; None: procedural frost textures
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -102,6 +124,7 @@ class Config:
     student: TrainConfig = field(default_factory=_default_student)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     eval_batch_size: int = 256
     progress: bool = True  # tqdm progress bars
 
@@ -112,6 +135,8 @@ class Config:
 # Keys that change how fast or how loudly a run goes, never its results: a run directory may be
 # resumed with different values for these.
 RUNTIME_KEYS = {"device", "progress", "data.num_workers", "eval_batch_size", "pseudo.batch_size"}
+# Robustness settings never change training, so a run may be resumed with other values.
+RUNTIME_KEYS |= {f"robustness.{f.name}" for f in fields(RobustnessConfig)}
 # How often a checkpoint is written changes no result (resume is exact), so it may change too.
 RUNTIME_KEYS |= {"teacher.checkpoint_every_steps", "student.checkpoint_every_steps"}
 
@@ -124,6 +149,7 @@ CHOICES = {
     "teacher.init": ("scratch", "teacher"),
     "student.init": ("scratch", "teacher"),
     "pseudo.mode": ("soft", "hard"),
+    "robustness.table": ("auto", "cifar32", "tiny64", "imagenet224"),
 }
 
 

@@ -61,6 +61,10 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         print(
             f"[iter {i}] {cfg.models[i]}: test top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%"
         )
+        if cfg.robustness.enabled:  # corruption / flip / adversarial robustness (robustness/)
+            from .robustness.stage import one_line, robustness_stage
+
+            print(f"[iter {i}] robustness: {one_line(robustness_stage(cfg, run, data, i))}")
         if i < last:
             pseudo_label_stage(cfg, run, data, i)
             counts = select_stage(cfg, run, data, i)

@@ -232,7 +232,8 @@ def choose_table(size: int, override: str | None = None) -> str:
     if override not in (None, "auto"):
         if override not in TABLES:
             raise UserError(
-                f"robustness table '{override}' is unknown; use auto or one of {', '.join(TABLES)}"
+                f"robustness.table (--table) '{override}' is unknown; use auto or one of "
+                f"{', '.join(TABLES)}"
             )
         return override
     return "cifar32" if size <= 48 else "tiny64" if size <= 128 else "imagenet224"

@@ -143,7 +143,7 @@ def evaluate_suite(
             ref_err = reference["corruption"]
             ref_clean = 100.0 - reference["clean_top1"]
             res["ce"] = _guarded(res, M.corruption_errors, errors, ref_err)
-            res["mce"] = _guarded(res, M.mce, errors, ref_err)
+            res["mce"] = None if res["ce"] is None else float(np.mean(list(res["ce"].values())))
             res["relative_mce"] = _guarded(
                 res, M.relative_mce, errors, 100.0 - clean_top1, ref_err, ref_clean
             )
@@ -170,8 +170,9 @@ def evaluate_suite(
             res["top5_distance_per"] = t5d
             res["top5_distance"] = float(np.mean(list(t5d.values())))
         if reference is not None and reference.get("flip"):
-            res["flip_rate"] = _guarded(res, M.flip_rates, flips, reference["flip"])
-            res["mfr"] = _guarded(res, M.mfr, flips, reference["flip"])
+            fr = _guarded(res, M.flip_rates, flips, reference["flip"])
+            res["flip_rate"] = fr
+            res["mfr"] = None if fr is None else float(np.mean(list(fr.values())))
         wall["perturbations"] = time.time() - t0
 
     # adversarial ----------------------------------------------------------------------------

@@ -41,6 +41,14 @@ def _validate(rc: RobustnessConfig) -> None:
     if any(e < 0 for e in rc.fgsm_eps) or rc.pgd_eps < 0:
         raise UserError("robustness.fgsm_eps and robustness.pgd_eps must be >= 0 (units of 1/255)")
     C.choose_table(8, rc.table)
+    spec = str(rc.reference).strip()
+    if spec.lower() != "none" and not spec.isdigit():
+        p = Path(spec)
+        if not (p.is_file() or (p / RESULTS).is_file()):
+            raise UserError(
+                f"robustness.reference (--reference) '{spec}' is neither an iteration, 'none', "
+                "nor an existing results.json"
+            )
     if rc.hard_dir is not None and not Path(rc.hard_dir).is_dir():
         raise UserError(f"robustness.hard_dir '{rc.hard_dir}' is not a folder of class folders")
 
@@ -188,12 +196,13 @@ def _fill_self_reference(res: dict[str, Any], pred: np.ndarray, labels: np.ndarr
     if res.get("corruption"):
         err = res["corruption"]
         res["ce"] = _guarded(res, M.corruption_errors, err, err)
-        res["mce"] = _guarded(res, M.mce, err, err)
+        res["mce"] = None if res["ce"] is None else float(np.mean(list(res["ce"].values())))
         clean_err = 100.0 - res["clean_top1"]
         res["relative_mce"] = _guarded(res, M.relative_mce, err, clean_err, err, clean_err)
     if res.get("flip"):
-        res["flip_rate"] = _guarded(res, M.flip_rates, res["flip"], res["flip"])
-        res["mfr"] = _guarded(res, M.mfr, res["flip"], res["flip"])
+        fr = _guarded(res, M.flip_rates, res["flip"], res["flip"])
+        res["flip_rate"] = fr
+        res["mfr"] = None if fr is None else float(np.mean(list(fr.values())))
     res["filtered_hard_acc"], res["filtered_hard_n"] = M.filtered_hard_accuracy(pred, labels, pred)
     res["reference_is_self"] = True
 
@@ -289,11 +298,12 @@ def run_robustness(cfg: Config, iterations: list[int]) -> list[dict[str, Any]]:
     from ..pipeline import open_run
     from ..stages import load_data
 
-    run = open_run(cfg)
-    data = load_data(cfg, run)
+    _validate(cfg.robustness)  # before open_run saves the options into config.yaml
     for i in iterations:
         if not 0 <= i < len(cfg.models):
             raise UserError(f"--iteration {i} is outside models[0..{len(cfg.models) - 1}]")
+    run = open_run(cfg)
+    data = load_data(cfg, run)
     results = [robustness_stage(cfg, run, data, i) for i in iterations]
     print()
     print(format_table([(f"iter{r['iteration']} {r['model']}", r) for r in results]))

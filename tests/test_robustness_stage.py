@@ -1,0 +1,203 @@
+"""The robustness stage and `noisystudent robustness` on a tiny run directory (untrained tiny
+models written directly, 16 px images, a handful of test images): results.json format, the
+reference row, fingerprint refusal, cache reuse, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from noisystudent import __version__, stages
+from noisystudent.cli import main
+from noisystudent.config import load_config
+from noisystudent.errors import UserError
+from noisystudent.models import create_model
+from noisystudent.robustness import corruptions as C
+from noisystudent.robustness.cache import SuiteCache, dataset_fingerprint, subset_indices
+from noisystudent.robustness.stage import format_table, run_robustness
+from noisystudent.rundir import save_tensors, write_json
+
+from .conftest import CLASSES, make_class_folders
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def quick_fit(model: torch.nn.Module, folder: Path, steps: int) -> None:
+    """A few Adam steps on the class-coloured images: a model whose predictions vary."""
+    from PIL import Image
+
+    files = sorted(folder.rglob("*.png"))
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f))) for f in files]).permute(0, 3, 1, 2)
+    y = torch.tensor([CLASSES.index(f.parent.name) for f in files])
+    opt = torch.optim.Adam(model.parameters(), 0.01)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+
+
+def fake_run(tmp_path: Path, tiny_data: dict[str, Path]) -> Path:
+    """A run directory holding two (untrained) models, as `noisystudent run` would leave it."""
+    run = tmp_path / "run"
+    for i in range(2):
+        torch.manual_seed(i)
+        m = create_model("cifar_resnet8", 3)
+        quick_fit(m, tiny_data["labeled"], steps=15 + 15 * i)
+        meta = {"name": "cifar_resnet8", "iteration": i, "num_classes": 3, "classes": CLASSES}
+        meta.update(image_size=16, noisystudent_version=__version__)
+        path = run / f"iter{i}" / "model.safetensors"
+        if hasattr(stages, "save_model"):  # model files with an identity header
+            stages.save_model(path, m, meta)
+        else:
+            save_tensors(path, m.state_dict())
+        write_json(run / f"iter{i}" / "model.json", meta)
+    return run
+
+
+def cfg_for(run: Path, tiny_data: dict[str, Path], *extra: str):
+    over = [
+        f"run_dir={run}",
+        "models=[cifar_resnet8,cifar_resnet8]",
+        f"data.labeled={tiny_data['labeled']}",
+        f"data.unlabeled={tiny_data['unlabeled']}",
+        f"data.test={tiny_data['test']}",
+        "data.image_size=16",
+        "device=cpu",
+        "progress=false",
+        "robustness.subset=4",
+        "robustness.fgsm_eps=[0,8]",
+        "robustness.pgd_steps=2",
+        *extra,
+    ]
+    return load_config(None, over)
+
+
+KEYS = (
+    "clean_top1", "corruption", "unnormalized_ce", "mce", "relative_mce", "flip",
+    "mean_flip_prob", "mfr", "top5_distance", "adversarial", "filtered_hard_acc", "ece",
+)  # fmt: skip
+
+
+def test_stage_writes_results_in_the_agreed_format(tmp_path, tiny_data, capsys):
+    run = fake_run(tmp_path, tiny_data)
+    cfg = cfg_for(run, tiny_data)
+    r0, r1 = run_robustness(cfg, [0, 1])
+    for i in range(2):
+        on_disk = json.loads((run / f"iter{i}" / "robustness" / "results.json").read_text())
+        assert set(KEYS) <= set(on_disk)
+        assert set(on_disk["corruption"]) == set(C.ALL)
+        assert list(on_disk["corruption"]["fog"]) == ["1", "2", "3", "4", "5"]
+        assert len(on_disk["flip"]) == 10
+        assert (
+            list(on_disk["adversarial"]["fgsm"]) == ["0", "8"]
+            and "pgd2_16" in on_disk["adversarial"]
+        )
+        assert on_disk["n_images"] == 4 and on_disk["meta"]["table"] == "cifar32"
+    assert r0["reference_is_self"]
+    for key in ("mce", "relative_mce", "mfr"):  # 100, or None with a warning (zero denominator)
+        assert r0[key] == pytest.approx(100.0) or (r0[key] is None and r0["warnings"]), key
+    assert r0["filtered_hard_acc"] in (0.0, None)  # the reference scores 0 on its own errors
+    assert r1["reference"]["iteration"] == 0 and r0["reference"]["self"]
+    assert r1["meta"]["fingerprint"] == r0["meta"]["fingerprint"]
+    out = capsys.readouterr().out
+    assert "| model | clean top-1" in out and "FGSM 8" in out and "PGD-2 @16" in out
+    # a second call reuses the results (same options), a new subset recomputes
+    assert run_robustness(cfg, [1])[0]["total_wall_s"] == r1["total_wall_s"]
+
+
+def test_reference_with_another_fingerprint_is_refused(tmp_path, tiny_data):
+    run = fake_run(tmp_path, tiny_data)
+    ref = run_robustness(cfg_for(run, tiny_data, "robustness.corruptions=false",
+                                 "robustness.perturbations=false", "robustness.adversarial=false"), [0])[0]  # fmt: skip
+    bad = tmp_path / "other" / "results.json"
+    write_json(bad, {**ref, "meta": {**ref["meta"], "fingerprint": "0000000000000000"}})
+    cfg = cfg_for(run, tiny_data, f"robustness.reference={bad}", "robustness.perturbations=false")
+    with pytest.raises(UserError, match="different data"):
+        run_robustness(cfg, [1])
+
+
+def test_cli_one_line_errors(tmp_path, tiny_data, capsys):
+    run = fake_run(tmp_path, tiny_data)
+    cfg = cfg_for(run, tiny_data)
+    Path(run / "config.yaml").write_text(json.dumps(cfg.to_dict()))
+    for args, needle in (
+        (["--subset", "0"], "--subset"),
+        (["--reference", str(tmp_path / "missing.json")], "missing.json"),
+        (["--table", "cifar100"], "robustness.table"),
+        (["--hard-dir", str(tmp_path / "nope")], "hard_dir"),
+        (["--iteration", "5"], "--iteration 5"),
+    ):
+        assert main(["robustness", str(run), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
+
+
+def test_hard_dir_with_unknown_class_is_an_error(tmp_path, tiny_data):
+    run = fake_run(tmp_path, tiny_data)
+    hard = make_class_folders(tmp_path / "hard", 2, classes=["red", "purple"])
+    cfg = cfg_for(run, tiny_data, f"robustness.hard_dir={hard}", "robustness.corruptions=false",
+                  "robustness.perturbations=false", "robustness.adversarial=false")  # fmt: skip
+    with pytest.raises(UserError, match="purple"):
+        run_robustness(cfg, [0])
+
+
+def test_hard_dir_subset_of_classes(tmp_path, tiny_data):
+    run = fake_run(tmp_path, tiny_data)
+    hard = make_class_folders(tmp_path / "hard", 3, classes=["green", "red"])
+    cfg = cfg_for(run, tiny_data, f"robustness.hard_dir={hard}", "robustness.corruptions=false",
+                  "robustness.perturbations=false", "robustness.adversarial=false")  # fmt: skip
+    hs = run_robustness(cfg, [0])[0]["hard_set"]
+    assert hs["n"] == 6 and hs["classes"] == 2 and 0 <= hs["top1"] <= 100 and "top5" not in hs
+
+
+def test_cache_is_generated_once_with_metadata(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 2])
+    cache = SuiteCache(tmp_path, imgs, labels, "cifar32", seed=5)
+    a = np.array(cache.corruption("gaussian_noise"))
+    assert a.shape == (15, 16, 16, 3) and a.dtype == np.uint8
+    meta = json.loads((cache.dir / "meta.json").read_text())
+    assert meta["seed"] == 5 and meta["table"] == "cifar32"
+    assert meta["fingerprint"] == dataset_fingerprint(imgs, labels)
+    # severity-major rows and reuse from disk
+    assert np.array_equal(
+        np.array(SuiteCache(tmp_path, imgs, labels, "cifar32", 5).corruption("gaussian_noise")), a
+    )
+    seq = cache.perturbation("translate")
+    assert seq.shape == (3, 16, 16, 16, 3)
+    (cache.dir / "meta.json").write_text(json.dumps({**meta, "seed": 6}))
+    with pytest.raises(UserError, match="meta.json"):
+        SuiteCache(tmp_path, imgs, labels, "cifar32", seed=5)
+    assert dataset_fingerprint(imgs[:2], labels[:2]) != meta["fingerprint"]
+    assert list(subset_indices(10, 4, 0)) == sorted(subset_indices(10, 4, 0))
+    assert len(subset_indices(10, None, 0)) == 10
+
+
+def test_format_table_handles_missing_values():
+    t = format_table([("a", {"clean_top1": 50.0, "adversarial": None})])
+    assert t.splitlines()[2].startswith("| a | 50.00 | -")
+
+
+def test_self_reference_row_is_100_and_zero_hard():
+    from noisystudent.robustness.stage import _fill_self_reference
+
+    err = {c: {str(s): 10.0 + s for s in range(1, 6)} for c in C.ALL}
+    res = {"clean_top1": 95.0, "corruption": err, "flip": {"rotate": 0.1, "scale": 0.2}}
+    labels = np.array([0, 1, 2, 0])
+    _fill_self_reference(res, np.array([0, 2, 2, 1]), labels)
+    assert res["mce"] == pytest.approx(100) and res["relative_mce"] == pytest.approx(100)
+    assert res["mfr"] == pytest.approx(100)
+    assert res["filtered_hard_acc"] == 0.0 and res["filtered_hard_n"] == 2
