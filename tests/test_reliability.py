@@ -555,3 +555,23 @@ def test_pseudo_label_stage_resumes_after_its_last_complete_shard(trained_run, m
     assert not (root / "progress.json").exists()
     assert any(e["event"] == "resume" and e.get("position") == 8 for e in run.metrics())
     assert time.time() > 0
+
+
+def test_extra_state_such_as_an_ema_is_checkpointed_and_restored(tmp_path, monkeypatch):
+    class Counter:  # stands in for a weight EMA: anything with state_dict / load_state_dict
+        def __init__(self):
+            self.n = torch.zeros(())
+
+        def state_dict(self):
+            return {"n": self.n.clone()}
+
+        def load_state_dict(self, st):
+            self.n = st["n"].clone()
+
+    saved = Counter()
+    saved.n += 7
+    _train(tmp_path, _tc(epochs=1), extra_state={"ema": saved})
+    assert load_state(tmp_path / "train" / "checkpoint.pt")["extra"]["ema"]["n"] == 7
+    restored = Counter()
+    _train(tmp_path, _tc(epochs=1), extra_state={"ema": restored})  # resumes at the end
+    assert restored.n == 7

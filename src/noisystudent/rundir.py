@@ -220,6 +220,8 @@ class RunDir:
         leftovers of a killed writer are cleaned: temporary files of `atomic_write` and a torn
         last line of metrics.jsonl.
         """
+        if int(os.environ.get("RANK", "0")) != 0:
+            return self  # under torchrun only rank 0 writes to the run dir, so only it locks
         key = str(self.root.resolve())
         if key in _HELD:
             try:  # still the same lock file (not deleted and re-made under us)?
