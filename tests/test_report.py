@@ -194,9 +194,15 @@ def test_not_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     with pytest.raises(UserError, match=re.escape(str(tmp_path))):
         build_report(tmp_path)
     missing = tmp_path / "nope"
-    assert cli.main(["report", str(missing)]) == 2
-    err = capsys.readouterr().err
-    assert str(missing) in err and len(err.strip().splitlines()) == 1
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    bad_cfg = tmp_path / "bad"
+    bad_cfg.mkdir()
+    (bad_cfg / "config.yaml").write_text("teacher: {epochz: 3}\n")
+    for path in (missing, a_file, bad_cfg):
+        assert cli.main(["report", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_report_failure_keeps_the_run(

@@ -73,15 +73,23 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
 
 def open_run_files(run_dir: str | Path, cfg: Config | None, data: Any) -> RunFiles:
     root = Path(run_dir)
-    if not root.is_dir():
+    if not root.exists():
         raise UserError(f"run directory '{root}' does not exist")
+    if not root.is_dir():
+        raise UserError(f"'{root}' is a file, not a run directory")
     if not (root / "config.yaml").is_file():
         raise UserError(
             f"'{root}' is not a run directory (no config.yaml); pass the run_dir of a "
             f"`noisystudent run` or `noisystudent demo`"
         )
     if cfg is None:
-        cfg = load_config(root)
+        try:
+            cfg = load_config(root)
+        except UserError as e:
+            msg = str(e)
+            raise UserError(
+                msg if str(root) in msg else f"'{root / 'config.yaml'}': {msg}"
+            ) from None
     events, bad = read_metrics(root / "metrics.jsonl")
     run = RunFiles(root, cfg, [], events, bad, data)
     summary_path = root / "summary.json"

@@ -20,6 +20,23 @@ MAX_BAR_CLASSES = 40  # above this many classes, per-class counts are drawn as s
 MAX_TICK_CLASSES = 30  # above this many classes, the confusion matrix has no class ticks
 
 
+def _selection_brief(sel: Any) -> str:
+    """One line for config.select (fields read with defaults: older run dirs lack newer keys)."""
+    out = f"confidence ≥ {sel.threshold}; "
+    mode = getattr(sel, "mode", "simple")
+    if not sel.balance:
+        return out + "not balanced"
+    if mode == "reference" and getattr(sel, "use_all", False):
+        return out + "every image above the threshold once (reference code, use-all)"
+    out += f"balanced to {sel.per_class if sel.per_class else 'the mean'} per class"
+    if mode == "reference":
+        how = "reference code: per-class histogram thresholds, fractional copies"
+        return (
+            out + f" ({how}" + ("" if getattr(sel, "upsample", True) else ", no upsampling") + ")"
+        )
+    return out + f" ({mode}: top-K most confident, duplicates to fill)"
+
+
 def section_config(run: RunFiles) -> str:
     cfg = run.cfg
     d = cfg.data
@@ -43,15 +60,7 @@ def section_config(run: RunFiles) -> str:
             f"{cfg.pseudo.mode}, temperature {cfg.pseudo.temperature}"
             + (f", top-{cfg.pseudo.topk} stored" if cfg.pseudo.topk else ""),
         ],
-        [
-            "selection",
-            f"confidence ≥ {sel.threshold}; "
-            + (
-                f"balanced to {sel.per_class if sel.per_class else 'the mean'} per class"
-                if sel.balance
-                else "not balanced"
-            ),
-        ],
+        ["selection", _selection_brief(sel)],
         ["seed", cfg.seed],
     ]
     train_keys = [
@@ -506,8 +515,9 @@ def section_confusion(run: RunFiles) -> str:
     if classes is not None:
         n = max(n, len(classes))
     names = [str(c) for c in classes] if classes is not None else [str(c) for c in range(n)]
+    known = (y >= 0) & (yhat >= 0)
     cm = np.zeros((n, n), dtype=np.int64)
-    np.add.at(cm, (y, yhat), 1)
+    np.add.at(cm, (y[known], yhat[known]), 1)
     rows = cm.sum(1, keepdims=True)
     norm = 100.0 * cm / np.maximum(rows, 1)
     side = 6.0 if n <= 20 else 8.0
