@@ -307,19 +307,34 @@ def test_bad_unlabeled_images_are_skipped_listed_and_limited(tiny_data, tmp_path
     _truncated_png(tiny_data["unlabeled"] / "red" / "trunc.png")
     (tiny_data["unlabeled"] / "junk.jpg").write_bytes(b"not an image at all")
     (tiny_data["unlabeled"] / "empty.png").write_bytes(b"")
+    jpg = tiny_data["unlabeled"] / "green" / "cut.jpg"  # a JPEG that stops mid-scan
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(jpg)
+    jpg.write_bytes(jpg.read_bytes()[:-300])
     run = RunDir(tmp_path / "run")
     data = stages.load_data(_tiny_cfg(tiny_data, run.root, "data.max_bad_fraction=0.1"), run)
     assert len(data.unlabeled) == 60
     listed = (run.root / "skipped_unlabeled.txt").read_text().split()
-    assert sorted(listed) == ["empty.png", "junk.jpg", "red/trunc.png"]
+    assert sorted(listed) == ["empty.png", "green/cut.jpg", "junk.jpg", "red/trunc.png"]
     run2 = RunDir(tmp_path / "run2")
-    with pytest.raises(UserError, match=r"3 of 63 unlabeled images are unreadable .*"
+    with pytest.raises(UserError, match=r"4 of 64 unlabeled images are unreadable .*"
                                         r"data.max_bad_fraction=0.01"):  # fmt: skip
         stages.load_data(_tiny_cfg(tiny_data, run2.root), run2)
     with pytest.raises(
-        UserError, match="cannot read image '.*(empty|junk|trunc).*on_bad_image=skip"
+        UserError, match="cannot read image '.*(empty|junk|trunc|cut).*on_bad_image=skip"
     ):
         stages.load_data(_tiny_cfg(tiny_data, run2.root, "data.on_bad_image=error"), run2)
+
+
+def test_decompression_bomb_is_a_bad_image_not_a_crash(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from noisystudent.data import BadImage, load_rgb
+
+    p = tmp_path / "big.png"
+    PILImage.new("RGB", (40, 40)).save(p)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # 1,600 px > 2x the limit
+    with pytest.raises(BadImage, match=r"big.png': DecompressionBombError"):
+        load_rgb(p)
 
 
 @pytest.mark.parametrize("which", ["labeled", "test"])
