@@ -95,7 +95,8 @@ h2 { font-size: 1.3em; margin: 32px 0 10px; padding-top: 8px; border-top: 1px so
 h3 { font-size: 1.05em; margin: 18px 0 6px; }
 nav { position: sticky; top: 0; background: #fff; padding: 8px 0; border-bottom: 1px solid #ddd;
       z-index: 1; font-size: 0.92em; }
-nav a { margin-right: 14px; color: #1f5fa8; text-decoration: none; white-space: nowrap; }
+nav { display: flex; flex-wrap: wrap; gap: 2px 14px; }
+nav a { color: #1f5fa8; text-decoration: none; white-space: nowrap; }
 nav a:hover { text-decoration: underline; }
 section { scroll-margin-top: 48px; }
 table { border-collapse: collapse; margin: 6px 0 10px; font-size: 0.93em; }
