@@ -590,3 +590,27 @@ def test_extra_state_such_as_an_ema_is_checkpointed_and_restored(tmp_path, monke
     restored = Counter()
     _train(tmp_path, _tc(epochs=1), extra_state={"ema": restored})  # resumes at the end
     assert restored.n == 7
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 1 MiB filesystem (tmpfs), where mounting is allowed (root); else the test skips."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                       capture_output=True)  # fmt: skip
+    if r.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_really_full_disk_during_training_keeps_previous_checkpoint(tiny_disk):
+    # cifar_resnet8's checkpoint (weights + momentum) is ~0.65 MB: the first fits, the second
+    # cannot be written beside it. torch.save reports that as a RuntimeError; it must still
+    # become a one-line "disk is full" error with the first checkpoint intact.
+    with pytest.raises(UserError, match=r"checkpoint.pt': the disk is full; the previous"):
+        _train(tiny_disk, _tc(epochs=1, checkpoint_every_steps=1))
+    st = load_state(tiny_disk / "train" / "checkpoint.pt")
+    assert st["position"]["step"] == 1
+    assert not list(tiny_disk.rglob(".*.tmp"))

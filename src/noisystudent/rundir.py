@@ -83,15 +83,32 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     except BaseException as e:
+        full = _disk_full(e, path.parent)  # before the partial file is removed and frees space
         tmp_path.unlink(missing_ok=True)
-        if isinstance(e, OSError) and not isinstance(e, UserError):
-            what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        if full or (isinstance(e, OSError) and not isinstance(e, UserError)):
+            what = "the disk is full" if full else (getattr(e, "strerror", None) or str(e))
             raise UserError(
                 f"cannot write '{path}': {what}; the previous version of the file (if any) is "
                 f"intact - free space or fix the problem and re-run to resume"
             ) from None
         raise
     return path
+
+
+def _disk_full(e: BaseException, folder: Path) -> bool:
+    """Did this write fail for lack of space? torch.save and safetensors report it as their own
+    RuntimeError/SafetensorError, so also look at the message and at the free space left."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(e, Exception) or isinstance(e, UserError):
+        return False
+    if "No space left" in str(e) or "os error 28" in str(e):
+        return True
+    try:
+        st = os.statvfs(folder)
+        return st.f_bavail * st.f_frsize < (16 << 20)  # under 16 MiB free: call it full
+    except (OSError, AttributeError):
+        return False
 
 
 def write_text(path: str | Path, text: str) -> Path:
