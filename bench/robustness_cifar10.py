@@ -8,7 +8,7 @@ teacher (iteration 0). Writes bench/results/robustness_cifar10.json and prints t
     # data: extract /work/shared/data/cifar10-jpg.tar.gz outside the repository
     mkdir -p ~/.cache/noisystudent/cifar10
     tar xzf /work/shared/data/cifar10-jpg.tar.gz -C ~/.cache/noisystudent/cifar10
-    python bench/robustness_cifar10.py --subset 1000
+    python bench/robustness_cifar10.py --subset 1000   # 250 of them as perturbation sequences
 
 `--run-dir DIR` reuses (or resumes) a run: an existing DIR/config.yaml is used as it is, so
 the training is skipped when it is complete. The split (labeled.tsv / unlabeled.tsv) is made
@@ -68,7 +68,15 @@ def main() -> int:
     ap.add_argument("--subset", type=int, default=1000, help="test images for the robustness suite")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "robustness_cifar10.json"))
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument(
+        "--perturbation-subset",
+        type=int,
+        default=250,
+        help="perturbation sequences (of the subset; ~300 frames each, the costliest part)",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: a shared CPU thrashes with 2)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,6 +112,7 @@ def main() -> int:
     cfg.robustness.subset = args.subset
     cfg.robustness.seed = args.seed
     cfg.robustness.reference = "0"
+    cfg.robustness.perturbation_subset = args.perturbation_subset
 
     t0 = time.time()
     summary = run_pipeline(cfg)
@@ -146,6 +155,7 @@ def main() -> int:
         "command": "python bench/robustness_cifar10.py " + " ".join(sys.argv[1:]),
         "run_dir": str(run_dir),
         "subset": args.subset,
+        "perturbation_subset": args.perturbation_subset,
         "seed": args.seed,
         "models": cfg.models,
         "test_top1_full": [it.get("test_top1") for it in summary["iterations"]],

@@ -238,6 +238,24 @@ def test_glass_blur_permutation_equals_naive_pixel_swaps():
         assert np.array_equal(fast, naive)
 
 
+def test_motion_blur_pad_once_equals_per_shift_edge_replication():
+    x = np.random.default_rng(1).random((20, 28, 3))
+    for radius, sigma, ang in ((6, 1.8, -45), (10, 3, 33), (14, 4, -150), (3, 1, 90)):
+        width = radius * 2 + 1
+        k = np.exp(-(np.arange(width) ** 2) / (2 * sigma**2))
+        k /= k.sum()
+        a = np.deg2rad(ang)
+        py, px = width * np.sin(a), width * np.cos(a)
+        want = np.zeros_like(x)
+        for i in range(width):
+            dy = -int(np.ceil(i * py / np.hypot(py, px) - 0.5))
+            dx = -int(np.ceil(i * px / np.hypot(py, px) - 0.5))
+            if abs(dy) >= 20 or abs(dx) >= 28:
+                break
+            want += k[i] * C._shift(x, dx, dy)
+        assert np.allclose(C.motion_blur_array(x, radius, sigma, ang), want)
+
+
 def test_clipped_zoom_matrix_equals_scipy_zoom():
     x = np.random.default_rng(0).random((24, 40, 3))
     for z in (1.0, 1.03, 1.17, 2.25):

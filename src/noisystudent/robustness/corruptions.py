@@ -348,14 +348,19 @@ def motion_blur_array(x: np.ndarray, radius: float, sigma: float, angle_deg: flo
     a = np.deg2rad(angle_deg)
     py, px = width * np.sin(a), width * np.cos(a)
     hyp = float(np.hypot(py, px))
-    out = np.zeros_like(x, dtype=np.float64)
     h, w = x.shape[:2]
+    taps = []
     for i in range(width):
         dy = -int(np.ceil(i * py / hyp - 0.5))
         dx = -int(np.ceil(i * px / hyp - 0.5))
         if abs(dy) >= h or abs(dx) >= w:
             break
-        out += k[i] * _shift(x, dx, dy)
+        taps.append((k[i], dx, dy))
+    r = max(max(abs(dx), abs(dy)) for _, dx, dy in taps)
+    p = np.pad(x, [(r, r), (r, r)] + [(0, 0)] * (x.ndim - 2), mode="edge")  # pad once
+    out = np.zeros(x.shape, dtype=np.float64)
+    for kk, dx, dy in taps:  # = kk * _shift(x, dx, dy): edge-replicated shift by (dx, dy)
+        out += kk * p[r - dy : r - dy + h, r - dx : r - dx + w]
     return out
 
 

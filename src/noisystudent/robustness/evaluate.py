@@ -53,7 +53,7 @@ def predict_logits(
     flat = images.reshape((-1,) + images.shape[-3:])
     out = []
     with eval_mode(model):
-        model.to(device)
+        model.to(device).to(memory_format=torch.channels_last)  # NHWC input: no copy
         for s in tqdm(
             range(0, len(flat), batch_size), desc=desc, disable=not progress, leave=False
         ):
