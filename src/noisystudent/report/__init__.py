@@ -140,7 +140,8 @@ def build_report(
     data: Any = None,
     tensorboard: bool = True,
 ) -> Report:
-    """Write RUN_DIR/report.html from what the run directory holds; returns its path.
+    """Write RUN_DIR/report.html from what the run directory holds; returns its path and the
+    problems of the sections that could not be drawn.
 
     cfg: the run's config (default: RUN_DIR/config.yaml); data: the run's `stages.Data` if the
     caller has it loaded (default: loaded here, for the sample images and class names).
@@ -156,8 +157,14 @@ def build_report(
     if tensorboard:
         from ..tb import export_scalars
 
-        n = export_scalars(run.root / "metrics.jsonl", run.root / "tensorboard")
-        if n:
+        try:
+            n = export_scalars(run.root / "metrics.jsonl", run.root / "tensorboard")
+        except Exception as e:  # optional extra: never what stops the report
+            run.problems.append(f"TensorBoard export: {type(e).__name__}: {e}")
+            n = 0
+        if n is None:
+            extra.append(note('TensorBoard scalars: pip install "noisystudent[tensorboard]".'))
+        elif n:
             extra.append(
                 note(
                     f"TensorBoard: {n} scalars, same names as metrics.jsonl: "

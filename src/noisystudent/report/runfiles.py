@@ -27,6 +27,7 @@ class RunFiles:
     data_error: str | None = None
     summary_error: str | None = None
     problems: list[str] = field(default_factory=list)  # section-level problems, for the caller
+    _pos: dict[str, int] | None = field(default=None, repr=False)
 
     @property
     def iterations(self) -> list[int]:
@@ -36,17 +37,24 @@ class RunFiles:
     def iter_dir(self, i: int) -> Path:
         return self.root / f"iter{i}"
 
+    def unlabeled_pos(self) -> dict[str, int]:
+        """uid -> index in the unlabeled set (built once; empty when the images are unavailable)."""
+        if self._pos is None:
+            uids = self.data.unlabeled.uids if self.data is not None else []
+            self._pos = {u: k for k, u in enumerate(uids)}
+        return self._pos
+
     def hidden_labels(self, uids: list[str]) -> np.ndarray:
         """(N,) hidden labels of the unlabeled images with these uids; -1 where unknown."""
         out = np.full(len(uids), -1, dtype=np.int64)
-        if self.data is None:
+        pos = self.unlabeled_pos()
+        if not pos:
             return out
-        unl = self.data.unlabeled
-        pos = {u: k for k, u in enumerate(unl.uids)}
+        labels = self.data.unlabeled.labels
         for j, u in enumerate(uids):
             k = pos.get(u)
             if k is not None:
-                out[j] = unl.labels[k]
+                out[j] = labels[k]
         return out
 
 

@@ -470,7 +470,7 @@ def section_samples(run: RunFiles) -> str:
         return note("No pseudo labels yet (iter<i>/pseudo).")
     if run.data is None:
         return note(f"The unlabeled images could not be loaded: {run.data_error}", "warn")
-    pos = {u: k for k, u in enumerate(run.data.unlabeled.uids)}
+    pos = run.unlabeled_pos()
     k = SAMPLES_PER_SIDE
     out = [
         note(
