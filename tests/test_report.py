@@ -63,6 +63,8 @@ ROBUSTNESS = {
     },
     "filtered_hard_acc": 30.0,
     "ece": 5.0,
+    "n_images": 450,
+    "warnings": ["reference flip probability on 'snow' is 0; mFR against it is undefined"],
 }
 # the reference model's own results: normalised scores are null, some parts not run
 REFERENCE = {**ROBUSTNESS, "mce": None, "relative_mce": None, "mfr": None, "flip": None}
@@ -164,7 +166,7 @@ def test_cli_report_with_synthetic_robustness_results(
     html = report_path(run).read_text()
     sec = _section(html, "robustness")
     assert sec.count("<img") == 3  # corruption heatmaps, accuracy vs epsilon, flip rates
-    for text in ("mCE", "80.10", "PGD-10", "FGSM accuracy, ε = 16/255", "0.0400", "–"):
+    for text in ("mCE", "80.10", "PGD-10", "FGSM accuracy, ε = 16/255", "0.0400", "–", "'snow'"):
         assert text in sec, text
     page = _parse(report_path(run))
     assert page.ids == [sid for sid, _ in SECTIONS] and not page.loads

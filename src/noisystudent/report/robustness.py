@@ -16,9 +16,11 @@ from .runfiles import RunFiles
 
 # (key, row label with unit, format) of results.json's single numbers; see robustness/
 ROBUSTNESS_SCALARS = [
+    ("n_images", "test images evaluated", "{:,.0f}"),
     ("clean_top1", "clean top-1 (%)", "{:.2f}"),
     ("clean_top5", "clean top-5 (%)", "{:.2f}"),
     ("unnormalized_ce", "mean corruption error, unnormalised (%)", "{:.2f}"),
+    ("held_out_unnormalized_ce", "… on the held-out corruptions (%)", "{:.2f}"),
     ("mce", "mCE, vs reference (%)", "{:.2f}"),
     ("relative_mce", "relative mCE, vs reference (%)", "{:.2f}"),
     ("mean_flip_prob", "mean flip probability (fraction of frames)", "{:.4f}"),
@@ -197,6 +199,9 @@ def section_robustness(run: RunFiles) -> str:
         )
     label = {i: f"iter{i} {run.cfg.models[i]}" for i, _ in results}
     out = [_robustness_table(results, label)]
+    for i, r in results:  # what the robustness stage itself flagged (e.g. an undefined mFR)
+        for w in r.get("warnings") or []:
+            out.append(note(f"{label[i]}: {w}", "warn"))
     out.append(
         note(
             "mCE and mFR: corruption error and flip rate normalised by the reference model "
