@@ -84,7 +84,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
 
 
 def write_run_report(cfg: Config, run: RunDir, data: Any = None) -> Path | None:
-    """report.html for the run (report.py). The results are on disk already, so a report that
+    """report.html for the run (report/). The results are on disk already, so a report that
     fails is a clear warning naming the command to retry, never an error that loses the run."""
     try:
         from .report import build_report  # matplotlib is imported only here
