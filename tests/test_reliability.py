@@ -166,6 +166,16 @@ def test_stage_is_done_only_while_outputs_verify(tmp_path):
         run.mark("t", "done", outputs=[tmp_path / "missing.json"])
 
 
+def test_stage_whose_input_changed_is_not_done(tmp_path):
+    run = RunDir(tmp_path)
+    teacher = write_text(tmp_path / "teacher.bin", "weights v1")
+    out = write_json(tmp_path / "labels.json", {"v": 1})
+    run.mark("label", "done", inputs=[teacher], outputs=[out])
+    assert run.stage_done("label")
+    write_text(teacher, "weights v2")  # the teacher was retrained: its labels are stale
+    assert run.stale_inputs("label") == ["teacher.bin"] and not run.stage_done("label")
+
+
 # --------------------------------------------------------------------------------------------
 # exact resume and determinism
 def test_mid_epoch_resume_equals_uninterrupted(tmp_path, monkeypatch):

@@ -329,12 +329,24 @@ class RunDir:
                 problems.append(f"{rel} differs from the manifest (sha256)")
         return problems
 
+    def stale_inputs(self, name: str) -> list[str]:
+        """Inputs of stage `name` that changed since it ran (another teacher, other pseudo labels):
+        its outputs no longer follow from them."""
+        entry = self.manifest()["stages"].get(name) or {}
+        out = []
+        for rel, digest in entry.get("input_sha256", {}).items():
+            p = self.root / rel
+            if not p.is_file() or sha256_file(p) != digest:
+                out.append(rel)
+        return out
+
     def stage_done(self, name: str) -> bool:
-        """Done = marked done AND every output still there with its recorded size and sha256."""
+        """Done = marked done AND every output still there with its recorded size and sha256
+        AND every input it read unchanged since."""
         entry = self.manifest()["stages"].get(name)
         if not entry or entry.get("status") != "done":
             return False
-        return not self.verify_outputs(name)
+        return not self.verify_outputs(name) and not self.stale_inputs(name)
 
     def output_record(self, path: str | Path) -> dict[str, Any] | None:
         """The manifest's {size, sha256} for a file some stage wrote, or None."""
@@ -361,6 +373,9 @@ class RunDir:
         entry.update(status=status, time=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
         if inputs is not None:
             entry["inputs"] = [self._rel(p) for p in inputs]
+            entry["input_sha256"] = {
+                self._rel(p): sha256_file(p) for p in inputs if Path(p).is_file()
+            }
         if outputs is not None:
             recs = {}
             for p in outputs:

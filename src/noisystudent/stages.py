@@ -36,6 +36,7 @@ from .losses import hard_labels
 from .models import Classifier, count_params, create_model
 from .rundir import (
     RunDir,
+    load_state,
     load_tensors,
     read_json,
     save_tensors,
@@ -302,6 +303,18 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
         train_transform(data.size, data.small, cfg.data.hflip, tc.randaugment),
     )
     run.mark(name, "running", inputs=inputs)
+    # The checkpoint belongs to these inputs: one made from other pseudo labels (the teacher or
+    # the selection was re-run since) cannot be resumed, so training restarts.
+    ident = {
+        "model": cfg.models[i],
+        "classes": data.classes,
+        "inputs": {run._rel(p): sha256_file(p) for p in inputs},
+    }
+    ckpt = out / "train" / "checkpoint.pt"
+    if ckpt.is_file() and load_state(ckpt).get("identity", {}).get("inputs") != ident["inputs"]:
+        ckpt.unlink()
+        run.log(stage=name, event="restart", reason="inputs changed since the checkpoint")
+        print(f"[iter {i}] inputs changed since the last checkpoint: training restarts")
     print(
         f"[iter {i}] training {'teacher' if i == 0 else 'student'} {cfg.models[i]} "
         f"({count_params(model):,} params) on {len(data.labeled)} labeled"
@@ -321,7 +334,7 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
         targets=targets,
         workers=cfg.data.num_workers,
         progress=cfg.progress,
-        identity={"model": cfg.models[i], "classes": data.classes},
+        identity=ident,
     )
     meta = model_meta(cfg, i, data, model)
     save_model(run.model_path(i), model, meta)
