@@ -12,7 +12,6 @@ import os
 import pickle
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -546,11 +545,10 @@ def test_training_checkpoint_for_other_classes_is_refused(tmp_path):
 # pseudo-labeling resumes per shard
 def test_pseudo_label_stage_resumes_after_its_last_complete_shard(trained_run, monkeypatch):
     cfg, run, d = trained_run
-    ref = stages.pseudo_label_stage  # one uninterrupted pass first, as the reference
     root = run.iter_dir(0) / "pseudo"
-    monkeypatch.setattr(stages, "PSEUDO_SHARD_SIZE", 4)
+    monkeypatch.setattr(cfg.pseudo, "shard_size", 4)
     monkeypatch.setattr(cfg.pseudo, "batch_size", 2)
-    ref(cfg, run, d, 0)
+    stages.pseudo_label_stage(cfg, run, d, 0)  # one uninterrupted pass first, as the reference
     want = PseudoLabelStore.load(root)
     m = run.manifest()
     del m["stages"]["iter0/pseudo-label"]
@@ -558,28 +556,30 @@ def test_pseudo_label_stage_resumes_after_its_last_complete_shard(trained_run, m
     for f in root.iterdir():
         f.unlink()
 
-    real_add = stages.StoreWriter.add
+    import noisystudent.labeling as labeling
+
+    real_write = labeling.write_shard
     calls = {"n": 0}
 
-    def dying_add(self, probs, uids):
-        real_add(self, probs, uids)
-        calls["n"] += 1
-        if calls["n"] == 5:  # after 2 shards (4 rows each = 2 batches) and one more batch
+    def dying_write(*a, **k):
+        if calls["n"] == 2:  # killed while labeling the third shard
             raise KeyboardInterrupt
+        calls["n"] += 1
+        return real_write(*a, **k)
 
-    monkeypatch.setattr(stages.StoreWriter, "add", dying_add)
+    monkeypatch.setattr(labeling, "write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
         stages.pseudo_label_stage(cfg, run, d, 0)
-    prog = json.loads((root / "progress.json").read_text())
-    assert [s["name"] for s in prog["shards"]] == ["shard-00000", "shard-00001"]
-    assert prog["next"] == 8
-    monkeypatch.setattr(stages.StoreWriter, "add", real_add)
+    done = sorted(f.name for f in root.glob("shard-*.safetensors"))
+    assert done == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert not (root / "meta.json").exists()
+    kept = {f: (root / f).stat().st_mtime_ns for f in done}
+    monkeypatch.setattr(labeling, "write_shard", real_write)
     stages.pseudo_label_stage(cfg, run, d, 0)
     got = PseudoLabelStore.load(root)
     assert got.uids == want.uids and torch.equal(got.topk_prob, want.topk_prob)
-    assert not (root / "progress.json").exists()
-    assert any(e["event"] == "resume" and e.get("position") == 8 for e in run.metrics())
-    assert time.time() > 0
+    assert {f: (root / f).stat().st_mtime_ns for f in done} == kept  # not labeled again
+    assert any(e["event"] == "resume" for e in run.metrics())
 
 
 def test_extra_state_such_as_an_ema_is_checkpointed_and_restored(tmp_path, monkeypatch):

@@ -88,7 +88,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow an option such as --iteration
+    if extra and (not hasattr(args, "overrides") or any("=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.cmd == "split":
         from .data import split_dataset
 
@@ -108,7 +114,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"wrote {rep.path}")
         return 0
 
-    from .pipeline import open_run, run_pipeline
+    from .pipeline import run_pipeline
 
     cfg = (
         load_config(None, args.overrides, base=DEMO_CONFIG)
@@ -116,8 +122,8 @@ def _main(argv: list[str] | None) -> int:
         else load_config(args.config, args.overrides)
     )
     if args.cmd in ("run", "demo"):
-        run_pipeline(cfg)
-        if args.cmd == "demo":
+        summary = run_pipeline(cfg)
+        if args.cmd == "demo" and summary:  # empty on torchrun ranks other than 0
             from .report import report_path
 
             path = report_path(cfg.run_dir).resolve()
@@ -149,31 +155,51 @@ def _main(argv: list[str] | None) -> int:
         run_robustness(cfg, its)
         return 0
 
-    from . import stages
+    from . import distributed as dist
+    from .engine import resolve_device
 
-    run = open_run(cfg)
-    data = stages.load_data(cfg, run)
     i = getattr(args, "iteration", 0)
     if not 0 <= i < len(cfg.models):
         raise UserError(f"--iteration {i} is outside models[0..{len(cfg.models) - 1}]")
-    if args.cmd == "train-teacher":
-        stages.train_stage(cfg, run, data, 0)
-    elif args.cmd == "train-student":
-        if i < 1:
-            raise UserError("train-student needs --iteration >= 1 (iteration 0 is the teacher)")
-        stages.train_stage(cfg, run, data, i)
-    elif args.cmd == "pseudo-label":
-        stages.pseudo_label_stage(cfg, run, data, i)
-    elif args.cmd == "select":
-        stages.select_stage(cfg, run, data, i)
-    elif args.cmd == "evaluate":
-        res = stages.evaluate_stage(cfg, run, data, i)
-        print(f"{cfg.models[i]}: test top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
-    stages.write_summary(cfg, run)
+    dist.init(resolve_device(cfg.device))  # joins torchrun's process group, if any
+    try:
+        _run_stage(args.cmd, cfg, i)
+    finally:
+        dist.shutdown()
     return 0
 
 
+def _run_stage(cmd: str, cfg, i: int) -> None:
+    """One stage. Under torchrun, training and pseudo-labeling use every rank; the other stages
+    run on rank 0 only."""
+    from . import distributed as dist
+    from . import stages
+    from .pipeline import open_run
+
+    run = open_run(cfg)
+    data = stages.load_data(cfg, run)
+    if cmd in ("select", "evaluate") and not dist.is_main():
+        return
+    if cmd == "train-teacher":
+        stages.train_stage(cfg, run, data, 0)
+    elif cmd == "train-student":
+        if i < 1:
+            raise UserError("train-student needs --iteration >= 1 (iteration 0 is the teacher)")
+        stages.train_stage(cfg, run, data, i)
+    elif cmd == "pseudo-label":
+        stages.pseudo_label_stage(cfg, run, data, i)
+    elif cmd == "select":
+        stages.select_stage(cfg, run, data, i)
+    elif cmd == "evaluate":
+        res = stages.evaluate_stage(cfg, run, data, i)
+        print(f"{cfg.models[i]}: test top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
+    if dist.is_main():
+        stages.write_summary(cfg, run)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .rundir import release_locks
+
     try:
         return _main(argv)
     except UserError as e:
@@ -182,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("noisystudent: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        release_locks()
 
 
 if __name__ == "__main__":

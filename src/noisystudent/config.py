@@ -58,6 +58,7 @@ class TrainConfig:
     unlabeled_weight: float | None = None  # student only: weight of the unlabeled loss; None: ratio
     init: str = "scratch"  # student only: "scratch" (paper default) or "teacher"
     checkpoint_every_steps: int = 500  # also at every epoch end; a kill loses at most this many
+    sync_bn: bool = False  # torchrun on GPUs: SyncBatchNorm across ranks (batch stats of the global batch)
 
 
 def _default_teacher() -> TrainConfig:
@@ -78,6 +79,7 @@ class PseudoConfig:
         None  # probabilities stored per image; None: all classes when <= 100, else 10
     )
     batch_size: int = 256
+    shard_size: int = 65536  # rows per store shard: the unit of resume and of work per rank
 
 
 @dataclass
@@ -85,6 +87,11 @@ class SelectConfig:
     threshold: float = 0.3  # paper: drop images whose max probability is below 0.3
     balance: bool = True  # equalise per-class counts (keep top-K most confident / duplicate)
     per_class: int | None = None  # K; None: mean per-class count after filtering
+    # "simple": the paper's text (top-K most confident per class, duplicate to fill);
+    # "reference": the reference code's histogram thresholds + fractional copies (scales).
+    mode: str = "simple"
+    upsample: bool = True  # reference mode: off caps the copy count at 1
+    use_all: bool = False  # reference mode: every image above the threshold once
 
 
 @dataclass
@@ -134,7 +141,7 @@ class Config:
 
 # Keys that change how fast or how loudly a run goes, never its results: a run directory may be
 # resumed with different values for these.
-RUNTIME_KEYS = {"device", "progress", "data.num_workers", "eval_batch_size", "pseudo.batch_size"}
+RUNTIME_KEYS = {"run_dir", "device", "progress", "data.num_workers", "eval_batch_size", "pseudo.batch_size"}
 # Robustness settings never change training, so a run may be resumed with other values.
 RUNTIME_KEYS |= {f"robustness.{f.name}" for f in fields(RobustnessConfig)}
 # How often a checkpoint is written changes no result (resume is exact), so it may change too.
@@ -149,6 +156,7 @@ CHOICES = {
     "teacher.init": ("scratch", "teacher"),
     "student.init": ("scratch", "teacher"),
     "pseudo.mode": ("soft", "hard"),
+    "select.mode": ("simple", "reference"),
     "robustness.table": ("auto", "cifar32", "tiny64", "imagenet224"),
 }
 

@@ -17,6 +17,7 @@ draws from the global generators outside that scheme.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -28,10 +29,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from . import __version__
+from . import distributed as dist
 from .augment import ViewDataset
 from .config import TrainConfig
 from .data import BadImage, ImageSet, load_rgb
@@ -43,10 +45,14 @@ from .rundir import RunDir, load_state, save_state
 # --------------------------------------------------------------------------------------------
 # device and precision
 def resolve_device(name: str) -> torch.device:
+    """`auto`: CUDA when present. Under torchrun, `auto`/`cuda` mean this rank's GPU
+    (cuda:LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{name}' requested but CUDA is not available; use device=cpu")
+    if name == "cuda" and dist.world_size() > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
 
 
@@ -201,11 +207,21 @@ class _BatchPlan:
     """The batches of one data stream for steps [start, stop) of an epoch, as lists of
     (index, item seed). Batch j comes from pass k = j // per_pass over the set, shuffled by a
     permutation seeded from (seed, k): a pure function of j, so a resumed epoch picks up at its
-    exact position without reading the batches before it."""
+    exact position without reading the batches before it. Under torchrun each pass is PyTorch's
+    DistributedSampler (seeded per pass, drop_last): every rank reads a disjoint 1/world of the
+    set; with one process it is the plain seeded permutation."""
 
-    def __init__(self, n: int, batch: int, drop_last: bool, seed: int, start: int, stop: int):
+    def __init__(self, n: int, batch: int, drop_last: bool, seed: int, start: int, stop: int,
+                 rank: int = 0, world: int = 1):  # fmt: skip
         self.n, self.batch, self.seed, self.start, self.stop = n, batch, seed, start, stop
-        self.per_pass = max(1, n // batch if drop_last else math.ceil(n / batch))
+        self.rank, self.world = rank, world
+        n_rank = n // world if world > 1 else n
+        self.per_pass = max(1, n_rank // batch if drop_last else math.ceil(n_rank / batch))
+
+    def _perm(self, k: int) -> list[int]:
+        s = DistributedSampler(range(self.n), num_replicas=self.world, rank=self.rank,
+                               shuffle=True, seed=_mix(self.seed, k), drop_last=self.world > 1)  # fmt: skip
+        return list(s)  # epoch 0: randperm(n) from a generator seeded with seed, then rank slice
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -215,10 +231,10 @@ class _BatchPlan:
         for j in range(self.start, self.stop):
             k, slot = divmod(j, self.per_pass)
             if k != perm_k:
-                g = torch.Generator().manual_seed(_mix(self.seed, k))
-                perm, perm_k = torch.randperm(self.n, generator=g).tolist(), k
+                perm, perm_k = self._perm(k), k
             rows = perm[slot * self.batch : (slot + 1) * self.batch]
-            yield [(r, _mix(self.seed, j, pos)) for pos, r in enumerate(rows)]
+            off = self.rank * self.batch
+            yield [(r, _mix(self.seed, j, off + pos)) for pos, r in enumerate(rows)]
 
 
 def _loader(ds, batch: int, shuffle: bool, seed: int, workers: int, drop_last: bool) -> DataLoader:
@@ -333,21 +349,35 @@ def train(
     A non-finite loss stops training with an error naming the step; nothing after that step is
     saved, so the last checkpoint stays the last good one.
     """
+    rank, world = dist.rank(), dist.world_size()
+    if tc.sync_bn and world > 1:
+        if device.type != "cuda":
+            raise UserError("sync_bn=true needs CUDA devices (nccl); set it to false on CPU")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     if device.type == "cpu" or device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    # under torchrun: DDP averages gradients over ranks; `model` stays the bare module
+    net = model
+    if dist.is_distributed():
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     amp = autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     opt = build_optimizer(model, tc)
     every = tc.checkpoint_every_steps if checkpoint_every is None else checkpoint_every
-    bl = min(tc.batch_size, len(labeled))
-    lab_drop_last = len(labeled) >= bl
+    # batch sizes are per rank; each rank reads a disjoint 1/world of every stream
+    n_l_rank = len(labeled) // world if world > 1 else len(labeled)
+    bl = max(1, min(tc.batch_size, n_l_rank))
+    lab_drop_last = n_l_rank >= bl
     if unlabeled is not None:
-        bu = min(tc.batch_size * tc.ratio, len(unlabeled))  # a tiny selection still trains
-        steps_per_epoch = max(1, len(unlabeled) // bu)
+        n_u_rank = len(unlabeled) // world if world > 1 else len(unlabeled)
+        bu = max(1, min(tc.batch_size * tc.ratio, n_u_rank))  # a tiny selection still trains
+        steps_per_epoch = max(1, n_u_rank // bu)
         w_u = float(tc.ratio if tc.unlabeled_weight is None else tc.unlabeled_weight)
     else:
-        steps_per_epoch = max(1, len(labeled) // bl)
+        steps_per_epoch = max(1, n_l_rank // bl)
     total = tc.epochs * steps_per_epoch
     warmup = int(tc.warmup_epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
@@ -373,7 +403,8 @@ def train(
         start_epoch, start_i = int(pos["epoch"]), int(pos["step_in_epoch"])
         meters.update(st["meters"])
         t_used, loss_val = float(st.get("wall_s", 0.0)), float(st.get("last_loss", loss_val))
-        run.log(stage=tag, event="resume", epoch=start_epoch, step=int(pos["step"]))
+        if dist.is_main():
+            run.log(stage=tag, event="resume", epoch=start_epoch, step=int(pos["step"]))
 
     labels = labels.to(device)
     if targets is not None:
@@ -386,6 +417,11 @@ def train(
     saved_step = step if ckpt.is_file() else None
 
     def check_finite() -> None:
+        nonlocal bad_step
+        if dist.is_distributed():  # a fault on any rank stops every rank at the same step
+            b = bad_step.clone()
+            torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.MAX)
+            bad_step = b
         s = int(bad_step.item())
         if s >= 0:
             e, k = divmod(s - 1, steps_per_epoch)
@@ -402,6 +438,9 @@ def train(
     def save(epoch: int, step_in_epoch: int) -> None:
         nonlocal saved_step
         check_finite()  # never overwrite the last good checkpoint with a broken model
+        if not dist.is_main():  # only rank 0 writes; every rank holds the same weights
+            saved_step = step
+            return
         state = {
             "format": CHECKPOINT_FORMAT,
             "identity": ident,
@@ -428,11 +467,15 @@ def train(
         es = _stage_seed(seed, tag, epoch)
         i0 = start_i if epoch == start_epoch else 0
         model.train()
-        lab_plan = _BatchPlan(len(labeled), bl, lab_drop_last, _mix(es, 0), i0, steps_per_epoch)
+        lab_plan = _BatchPlan(
+            len(labeled), bl, lab_drop_last, _mix(es, 0), i0, steps_per_epoch, rank, world
+        )
         lab_it = _plan_loader(labeled, lab_plan, workers)
         unl_it = None
         if unlabeled is not None:
-            unl_plan = _BatchPlan(len(unlabeled), bu, True, _mix(es, 1), i0, steps_per_epoch)
+            unl_plan = _BatchPlan(
+                len(unlabeled), bu, True, _mix(es, 1), i0, steps_per_epoch, rank, world
+            )
             unl_it = _plan_loader(unlabeled, unl_plan, workers)
         loss_sum = torch.full((), float(meters["loss_sum"]), device=device)
         correct = torch.full((), int(meters["correct"]), device=device)  # labeled top-1 hits
@@ -453,9 +496,10 @@ def train(
                 x = torch.cat([xl, xu])
                 tu = targets[iu.to(device)]
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            torch.manual_seed(_mix(es, 2, i))  # model noise of this step (dropout, drop path)
+            # model noise of this step and rank (dropout, drop path)
+            torch.manual_seed(_mix(es, 2, i, rank) if world > 1 else _mix(es, 2, i))
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = model(x)
+                logits = net(x)
             loss = F.cross_entropy(
                 logits[: len(xl)].float(), yl, label_smoothing=tc.label_smoothing
             )
@@ -478,15 +522,16 @@ def train(
                 check_finite()  # one host sync per `log_every` steps
                 loss_val = (loss_sum / n_sum).item()
                 bar.set_postfix(loss=f"{loss_val:.3f}")
-                run.log(
-                    stage=tag,
-                    event="train",
-                    epoch=epoch + 1,
-                    step=step,
-                    loss=loss_val,
-                    train_acc=100.0 * correct.item() / max(1, seen),
-                    lr=sched.get_last_lr()[0],
-                )
+                if dist.is_main():
+                    run.log(
+                        stage=tag,
+                        event="train",
+                        epoch=epoch + 1,
+                        step=step,
+                        loss=loss_val,
+                        train_acc=100.0 * correct.item() / max(1, seen),
+                        lr=sched.get_last_lr()[0],
+                    )
                 loss_sum.zero_()
                 correct.zero_()
                 n_sum = seen = 0

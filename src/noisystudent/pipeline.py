@@ -12,7 +12,9 @@ from typing import Any
 
 import yaml
 
+from . import distributed as dist
 from .config import Config, config_differences
+from .engine import resolve_device
 from .errors import UserError
 from .models import check_student_sizes
 from .rundir import RunDir, write_text
@@ -40,41 +42,66 @@ def open_run(cfg: Config) -> RunDir:
                 f"run directory '{cfg.run_dir}' was made with a different config "
                 f"({', '.join(diff[:6])}); use a new run_dir or delete the old one"
             )
-    write_text(path, yaml.safe_dump(new, sort_keys=False))
+    if dist.is_main():
+        write_text(path, yaml.safe_dump(new, sort_keys=False))
     return run
 
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
-    """Run (or resume) every stage; returns summary.json's content."""
+    """Run (or resume) every stage; returns summary.json's content.
+
+    Under torchrun (see distributed.py) every rank runs this: training and pseudo-labeling are
+    shared by all ranks, everything else runs on rank 0 while the others wait at a barrier."""
+    dist.init(resolve_device(cfg.device))
+    try:
+        return _run_pipeline(cfg)
+    finally:
+        dist.shutdown()
+
+
+def _run_pipeline(cfg: Config) -> dict[str, Any]:
     run = open_run(cfg)
-    data = load_data(cfg, run)
+    if dist.is_main():  # rank 0 fills the decode cache, the other ranks then read it
+        data = load_data(cfg, run)
+    dist.barrier()
+    if not dist.is_main():
+        data = load_data(cfg, run)
     params = check_student_sizes(cfg.models, len(data.classes), cfg.allow_smaller_student)
-    print(
+    say = print if dist.is_main() else (lambda *a, **k: None)
+    say(
         f"run directory: {run.root}  |  {len(data.labeled)} labeled, {len(data.unlabeled)} "
         f"unlabeled, {len(data.test)} test images, {len(data.classes)} classes"
     )
     print("models: " + " -> ".join(f"{m} ({p:,})" for m, p in zip(cfg.models, params, strict=True)))
     last = len(cfg.models) - 1
     for i in range(len(cfg.models)):
-        train_stage(cfg, run, data, i)
-        res = evaluate_stage(cfg, run, data, i)
-        print(
-            f"[iter {i}] {cfg.models[i]}: test top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%"
-        )
-        if cfg.robustness.enabled:  # corruption / flip / adversarial robustness (robustness/)
-            from .robustness.stage import one_line, robustness_stage
-
-            print(f"[iter {i}] robustness: {one_line(robustness_stage(cfg, run, data, i))}")
-        if i < last:
-            pseudo_label_stage(cfg, run, data, i)
-            counts = select_stage(cfg, run, data, i)
-            acc = counts["pseudo_label_acc"]
-            print(
-                f"[iter {i}] pseudo labels: kept {counts['kept_unique']}/{counts['total']} images"
-                + (f", accuracy {acc:.2f}%" if acc is not None else "")
-                + f", {counts['selected_rows']} rows after balancing"
+        train_stage(cfg, run, data, i)  # every rank (DDP)
+        dist.barrier()
+        if dist.is_main():
+            res = evaluate_stage(cfg, run, data, i)
+            say(
+                f"[iter {i}] {cfg.models[i]}: test top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%"
             )
-        write_summary(cfg, run)
+            if cfg.robustness.enabled:  # corruption / flip / adversarial robustness (robustness/)
+                from .robustness.stage import one_line, robustness_stage
+
+                say(f"[iter {i}] robustness: {one_line(robustness_stage(cfg, run, data, i))}")
+        dist.barrier()
+        if i < last:
+            pseudo_label_stage(cfg, run, data, i)  # every rank labels its own shards
+            if dist.is_main():
+                counts = select_stage(cfg, run, data, i)
+                acc = counts["pseudo_label_acc"]
+                say(
+                    f"[iter {i}] pseudo labels: kept {counts['kept_unique']}/{counts['total']} images"
+                    + (f", accuracy {acc:.2f}%" if acc is not None else "")
+                    + f", {counts['selected_rows']} rows after balancing"
+                )
+            dist.barrier()
+        if dist.is_main():
+            write_summary(cfg, run)
+    if not dist.is_main():
+        return {}
     summary = write_summary(cfg, run)
     print()
     print(format_table(summary))

@@ -40,6 +40,12 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 
+
+def _rank() -> int:
+    from .distributed import rank
+
+    return rank()
+
 MANIFEST_VERSION = 1
 TMP_SUFFIX = ".tmp"  # atomic_write's temporary files: .<name>.<random>.tmp beside the target
 
@@ -190,6 +196,13 @@ def load_state(path: str | Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # the lock: one process per run directory
 _HELD: dict[str, int] = {}  # resolved run dir -> fd of its lock file, held by this process
+
+
+def release_locks() -> None:
+    """Release every run-dir lock this process holds (the CLI does so when a command ends, so
+    a library or test calling `cli.main` twice in one process is not locked out by itself)."""
+    while _HELD:
+        os.close(_HELD.popitem()[1])
 
 
 def _pid_alive(pid: int) -> bool:
@@ -367,7 +380,9 @@ class RunDir:
     ) -> None:
         """Record a stage's status. With status "done", the outputs are written and fsynced
         already (atomic_write); their sizes and sha256 are recorded here, so a later check sees
-        any output that went missing or changed."""
+        any output that went missing or changed. Under torchrun only rank 0 writes it."""
+        if _rank() != 0:
+            return
         m = self.manifest()
         entry = m["stages"].get(name, {})
         entry.update(status=status, time=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
@@ -398,6 +413,8 @@ class RunDir:
     def log(self, **record: Any) -> None:
         """Append one event to metrics.jsonl as ONE write of one line (O_APPEND): a kill leaves the
         line whole or absent; a torn line after power loss is dropped on the next lock."""
+        if _rank() != 0:  # under torchrun only rank 0 writes the log
+            return
         record = {"time": round(time.time(), 3), **record}
         line = (json.dumps(record) + "\n").encode()
         fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

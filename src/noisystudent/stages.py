@@ -7,7 +7,6 @@ trained on labeled data plus the pseudo labels model i-1 made (iter<i-1>/select)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from . import distributed as dist
 from .augment import ViewDataset, train_transform
 from .config import Config
 from .data import (
@@ -30,8 +30,9 @@ from .data import (
     load_set,
 )
 from .engine import evaluate as run_eval
-from .engine import predict, resolve_device, train
+from .engine import resolve_device, train
 from .errors import UserError
+from .labeling import collect_shards, data_fingerprint, label_shards
 from .losses import hard_labels
 from .models import Classifier, count_params, create_model
 from .rundir import (
@@ -44,8 +45,8 @@ from .rundir import (
     tensors_metadata,
     write_json,
 )
-from .selection import class_counts, select_pseudo_labels
-from .store import PseudoLabelStore, StoreWriter, default_topk
+from .selection import class_counts, reference_select_stream, select_pseudo_labels
+from .store import PseudoLabelStore, default_topk, shard_ranges, store_files, write_meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,6 +337,8 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
         progress=cfg.progress,
         identity=ident,
     )
+    if not dist.is_main():  # under torchrun rank 0 writes the model (all ranks hold the same)
+        return
     meta = model_meta(cfg, i, data, model)
     save_model(run.model_path(i), model, meta)
     write_json(out / "model.json", meta)
@@ -368,117 +371,60 @@ def evaluate_stage(cfg: Config, run: RunDir, data: Data, i: int) -> dict[str, An
     return res
 
 
-PSEUDO_SHARD_SIZE = 65536  # rows per store shard; a killed pseudo-label stage resumes per shard
-
-
-def _pseudo_resume(root: Path, ident: dict[str, Any], data: Data) -> tuple[list, int, int, int]:
-    """Shards a killed pseudo-label stage completed (iter<i>/pseudo/progress.json lists them, with
-    the dataset position after each): (shards, next position, audit hits, audited). Anything
-    else in the folder, or everything when the teacher or data changed, is removed."""
-    prog_path = root / "progress.json"
-    prog = read_json(prog_path) if prog_path.is_file() else {}
-    shards = prog.get("shards", []) if prog.get("identity") == ident else []
-    keep = {f"{sh['name']}{ext}" for sh in shards for ext in (".safetensors", ".uids")}
-    keep.add("progress.json")
-    if root.is_dir():
-        for f in root.iterdir():
-            if f.is_file() and f.name not in keep:
-                f.unlink()
-    correct = audited = 0
-    label = dict(zip(data.unlabeled.uids, data.unlabeled.labels.tolist(), strict=True))
-    for sh in shards:
-        t = load_tensors(root / f"{sh['name']}.safetensors")
-        uids = (root / f"{sh['name']}.uids").read_text().splitlines()
-        if len(uids) != sh["count"] or len(t["max_prob"]) != sh["count"]:
-            raise UserError(
-                f"pseudo-label shard '{root / sh['name']}' is inconsistent; delete '{root}' and re-run"
-            )
-        h = torch.tensor([label.get(u, -1) for u in uids], dtype=torch.long)
-        known = h >= 0
-        correct += int((t["topk_idx"][:, 0].long()[known] == h[known]).sum())
-        audited += int(known.sum())
-    return shards, int(prog.get("next", 0)) if shards else 0, correct, audited
 
 
 def pseudo_label_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
     """Model i, without noise, labels every unlabeled image -> iter<i>/pseudo (store.py format).
 
-    Resumable: each store shard is written atomically and recorded in pseudo/progress.json with
-    the position reached, so a killed stage continues after its last complete shard."""
+    Sharded (labeling.py): fixed row ranges of cfg.pseudo.shard_size images, one shard file each;
+    under torchrun every rank labels its own shards. A killed stage re-labels only the shards
+    that are missing; shards from another teacher or other data are refused."""
     name = _stage(i, "pseudo-label")
     root = run.iter_dir(i) / "pseudo"
     if run.stage_done(name):
-        (root / "progress.json").unlink(missing_ok=True)
         return
     model, meta = load_model(run, i, "teacher", cfg.models[i], data.classes)
     run.mark(name, "running")
-    k = default_topk(len(data.classes), cfg.pseudo.topk)
+    c = len(data.classes)
+    k = default_topk(c, cfg.pseudo.topk)
     n = len(data.unlabeled)
     ident = {
         "teacher_sha256": sha256_file(run.model_path(i)),
-        "unlabeled": n,
-        "uids_sha256": hashlib.sha256("\n".join(data.unlabeled.uids).encode()).hexdigest(),
-        "k": k,
-        "temperature": cfg.pseudo.temperature,
-        "mode": cfg.pseudo.mode,
-        "shard_size": PSEUDO_SHARD_SIZE,
+        "data_fingerprint": data_fingerprint(data.unlabeled),
+        "k": str(k),
+        "temperature": str(cfg.pseudo.temperature),
     }
-    shards, next_pos, correct, audited = _pseudo_resume(root, ident, data)
-    b = cfg.pseudo.batch_size
-    start = next_pos // b * b  # restart on the uninterrupted run's batch grid (same numerics) ...
-    writer = StoreWriter(
-        root,
-        len(data.classes),
-        k,
-        cfg.pseudo.temperature,
-        teacher={"model": meta["name"], "iteration": i, "mode": cfg.pseudo.mode},
-        shard_size=PSEUDO_SHARD_SIZE,
-    )
-    writer.shards = list(shards)
-    if next_pos:
-        run.log(stage=name, event="resume", position=next_pos, shards=len(shards))
-    pending: list[int] = []  # dataset positions of rows added but not yet in a complete shard
-    # clean eval view (no augmentation), from the first image no complete shard holds
-    ds = ViewDataset(data.unlabeled.subset(np.arange(start, n)), data.size)
-    hidden = torch.from_numpy(data.unlabeled.labels)
-    for logits, idx in predict(
-        model,
-        ds,
-        cfg.pseudo.batch_size,
-        _device(cfg),
-        cfg.data.num_workers,
-        cfg.progress,
-        f"pseudo-label iter{i}",
-    ):
-        idx = idx + start
-        new = idx >= next_pos  # ... and drop the rows a complete shard already holds
-        if not bool(new.any()):
-            continue
-        idx, logits = idx[new], logits[new]
-        probs = torch.softmax(logits / cfg.pseudo.temperature, dim=1)
-        before = sum(sh["count"] for sh in writer.shards)
-        writer.add(probs, [data.unlabeled.uids[j] for j in idx.tolist()])
-        pending += idx.tolist()
-        h = hidden[idx]
-        known = h >= 0
-        correct += (probs.argmax(1)[known] == h[known]).sum().item()
-        audited += int(known.sum())
-        flushed = sum(sh["count"] for sh in writer.shards) - before
-        if flushed:  # a shard was written: record where to resume
-            pending = pending[flushed:]
-            nxt = pending[0] if pending else min(n, (int(idx.max()) - start) // b * b + start + b)
-            write_json(
-                root / "progress.json", {"identity": ident, "shards": writer.shards, "next": nxt}
-            )
-    writer.close()
+    if dist.is_main():
+        (root / "meta.json").unlink(missing_ok=True)
+    dist.barrier()
+    written = label_shards(model, data.unlabeled, data.size, root, c, k, cfg.pseudo.temperature,
+                           ident, cfg.pseudo.shard_size, cfg.pseudo.batch_size, _device(cfg),
+                           dist.rank(), dist.world_size(), cfg.data.num_workers, cfg.progress)  # fmt: skip
+    n_shards = len(shard_ranges(n, cfg.pseudo.shard_size))
+    if len(written) < len(range(dist.rank(), n_shards, dist.world_size())):
+        run.log(stage=name, event="resume", relabeled_shards=written)
+    dist.barrier()
+    if not dist.is_main():
+        return
+    shards = collect_shards(root, n, cfg.pseudo.shard_size, ident)
+    write_meta(root, c, k, cfg.pseudo.temperature,
+               {"model": meta["name"], "iteration": i, "mode": cfg.pseudo.mode}, shards, ident)  # fmt: skip
+    store = PseudoLabelStore.load(root, expect=ident)
+    hidden = _hidden_labels(data, store.uids)
+    known = hidden >= 0
+    correct = int((store.pred[known] == hidden[known]).sum())
+    audited = int(known.sum())
     audit = {"audited": audited, "accuracy": 100.0 * correct / audited if audited else None}
     write_json(root / "audit.json", audit)
-    run.mark(
-        name, "done", inputs=[run.model_path(i)], outputs=writer.files() + [root / "audit.json"]
-    )
-    (root / "progress.json").unlink(missing_ok=True)
-    rows = sum(sh["count"] for sh in writer.shards)
-    run.log(stage=name, event="pseudo-label", count=rows, audit_acc=audit["accuracy"])
+    files = store_files(root, shards) + [root / "audit.json"]
+    run.mark(name, "done", inputs=[run.model_path(i)], outputs=files)
+    run.log(stage=name, event="pseudo-label", count=len(store), audit_acc=audit["accuracy"])
+
+
+def _hidden_labels(data: Data, uids: list[str]) -> torch.Tensor:
+    """Hidden labels of unlabeled images by uid (-1 where unknown), for auditing only."""
+    label = dict(zip(data.unlabeled.uids, data.unlabeled.labels.tolist(), strict=True))
+    return torch.tensor([label.get(u, -1) for u in uids], dtype=torch.long)
 
 
 def select_stage(cfg: Config, run: RunDir, data: Data, i: int) -> dict[str, Any]:
@@ -489,12 +435,21 @@ def select_stage(cfg: Config, run: RunDir, data: Data, i: int) -> dict[str, Any]
         return read_json(out / "counts.json")
     store = PseudoLabelStore.load(run.iter_dir(i) / "pseudo")
     c = store.num_classes
+    run.mark(name, "running")
     pred, conf = store.pred, store.max_prob
     s = cfg.select
     kept = conf >= s.threshold
-    rows = select_pseudo_labels(
-        conf, pred, c, s.threshold, s.balance, s.per_class, seed=cfg.seed + i
-    )
+    if s.mode == "reference":
+        # two streaming passes over the store (histogram, then selection): bounded memory
+        def chunks():
+            return ((a, ch["max_prob"], ch["pred"]) for a, ch in store.iter_chunks())
+
+        rows = torch.cat(list(reference_select_stream(chunks, c, s.per_class, s.threshold,
+                                                      s.upsample, s.use_all, seed=cfg.seed + i)))  # fmt: skip
+    else:
+        rows = select_pseudo_labels(
+            conf, pred, c, s.threshold, s.balance, s.per_class, seed=cfg.seed + i
+        )
     if len(rows) == 0:
         raise UserError(
             f"no pseudo label reaches select.threshold={s.threshold} (max confidence "

@@ -1,0 +1,126 @@
+"""Sharded pseudo-labeling: the teacher, without noise, labels fixed row ranges of the unlabeled
+set, one store shard per range (store.py format).
+
+The ranges are `store.shard_ranges(N, shard_size)`, the same for any number of processes; under
+torchrun rank r labels shards r, r + world, r + 2*world, ... (disjoint, contiguous, no padding
+duplicates). A shard file is complete once written (atomic), and records the teacher
+checkpoint's sha256 and the data fingerprint: a re-run skips the shards already there, so a
+killed job re-labels only the missing ones; a shard made by another teacher or for other data
+is refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .augment import ViewDataset
+from .data import ImageSet
+from .engine import predict
+from .errors import UserError
+from .store import shard_metadata, shard_name, shard_ranges, top_k, write_shard
+
+
+def data_fingerprint(images: ImageSet) -> str:
+    """Identity of the unlabeled set as labeled: its uids, in order."""
+    h = hashlib.sha256(f"{len(images)}\n".encode())
+    for u in images.uids:
+        h.update(u.encode())
+        h.update(b"\n")
+    return h.hexdigest()[:32]
+
+
+def check_shard(root: Path, j: int, start: int, count: int, identity: dict[str, str]) -> bool:
+    """True if shard j is complete and was made for this identity and range; False if absent.
+    A shard made by another teacher or for other data is refused with an error."""
+    path = root / f"{shard_name(j)}.safetensors"
+    if not path.is_file():
+        return False
+    md = shard_metadata(path)
+    if md is None or not (root / f"{shard_name(j)}.uids").is_file():
+        path.unlink(missing_ok=True)  # unreadable: re-label it
+        return False
+    for key, want in identity.items():
+        if md.get(key) != str(want):
+            raise UserError(
+                f"pseudo-label shard '{path}' was made with a different {key} ({md.get(key)} != "
+                f"{want}); delete '{root}' to re-label with this teacher and data"
+            )
+    if md.get("start") != str(start) or md.get("rows_in_range") != str(count):
+        raise UserError(
+            f"pseudo-label shard '{path}' covers other rows (shard size changed); delete '{root}' and re-run"
+        )
+    return True
+
+
+def label_shards(
+    model: nn.Module,
+    images: ImageSet,
+    size: int,
+    root: Path,
+    num_classes: int,
+    k: int,
+    temperature: float,
+    identity: dict[str, str],
+    shard_size: int,
+    batch: int,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 0,
+    progress: bool = False,
+) -> list[int]:
+    """Label this rank's missing shards; returns the shard numbers it wrote. Each shard's rows
+    are predicted on the clean eval view (ViewDataset without transform) in eval mode."""
+    root.mkdir(parents=True, exist_ok=True)
+    written = []
+    ranges = shard_ranges(len(images), shard_size)
+    for j in range(rank, len(ranges), world):
+        a, b = ranges[j]
+        if check_shard(root, j, a, b - a, identity):
+            continue
+        sub = images.subset(np.arange(a, b))
+        ps, ix, rows = [], [], []
+        for logits, idx in predict(
+            model,
+            ViewDataset(sub, size),
+            batch,
+            device,
+            workers,
+            progress,
+            f"pseudo-label shard {j + 1}/{len(ranges)}",
+        ):
+            p, i = top_k(torch.softmax(logits / temperature, dim=1), k)
+            ps.append(p)
+            ix.append(i)
+            rows.append(idx)
+        # images skipped as unreadable leave the shard; the uids say which rows are present
+        r = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+        p = torch.cat(ps) if ps else torch.zeros(0, k)
+        i = torch.cat(ix) if ix else torch.zeros(0, k, dtype=torch.long)
+        uids = [sub.uids[t] for t in r.tolist()]
+        write_shard(root, j, a, p, i, uids, num_classes, {**identity, "rows_in_range": str(b - a)})
+        written.append(j)
+    return written
+
+
+def collect_shards(
+    root: Path, n: int, shard_size: int, identity: dict[str, str]
+) -> list[dict[str, Any]]:
+    """The shard entries for meta.json, after every rank finished (all must be present)."""
+    out, pos = [], 0
+    for j, (a, b) in enumerate(shard_ranges(n, shard_size)):
+        if not check_shard(root, j, a, b - a, identity):
+            raise UserError(
+                f"pseudo-label shard {j} is missing in '{root}' after labeling; re-run pseudo-label"
+            )
+        md = shard_metadata(root / f"{shard_name(j)}.safetensors") or {}
+        cnt = int(md.get("count", b - a))
+        out.append({"name": shard_name(j), "start": pos, "count": cnt, "range": [a, b]})
+        pos += cnt
+    return out
