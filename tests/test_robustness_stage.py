@@ -201,3 +201,38 @@ def test_self_reference_row_is_100_and_zero_hard():
     assert res["mce"] == pytest.approx(100) and res["relative_mce"] == pytest.approx(100)
     assert res["mfr"] == pytest.approx(100)
     assert res["filtered_hard_acc"] == 0.0 and res["filtered_hard_n"] == 2
+
+
+@pytest.mark.slow
+def test_trained_model_errs_more_at_severity_5_than_1_on_the_monotone_family(tmp_path):
+    """docs sec. 6.2: on a trained model, corrupted error at s5 >= s1 for the monotone subset."""
+    from noisystudent.data import digits_sets
+    from noisystudent.robustness.evaluate import SuiteOptions, evaluate_suite
+
+    lab, unl, test = digits_sets(16, 60, seed=0)
+    x = torch.from_numpy(np.concatenate([lab.array, unl.array])).permute(0, 3, 1, 2)
+    y = torch.from_numpy(np.concatenate([lab.labels, unl.labels]))
+    torch.manual_seed(0)
+    m = create_model("cifar_resnet8", 10)
+    opt = torch.optim.Adam(m.parameters(), 0.01)
+    m.train()
+    for step in range(300):
+        idx = torch.randint(0, len(y), (64,), generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(x[idx]), y[idx]).backward()
+        opt.step()
+    # the harsher 224 table: the digits model shrugs off most CIFAR-strength corruptions
+    cache = SuiteCache(tmp_path, test.array[:200], test.labels[:200], "imagenet224", seed=0)
+    opts = SuiteOptions(perturbations=False, adversarial=False)
+    res, _ = evaluate_suite(m, cache, opts, torch.device("cpu"))
+    assert res["clean_top1"] > 80
+    clean_err = 100 - res["clean_top1"]
+    checked = 0
+    for name in ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise",
+                 "gaussian_blur", "defocus_blur", "zoom_blur", "contrast", "pixelate"):  # fmt: skip
+        err = res["corruption"][name]
+        if max(err["1"], err["5"]) < clean_err + 5:
+            continue  # at the clean-error floor (digits shrug off light noise): only noise left
+        checked += 1
+        assert err["5"] >= err["1"], (name, err)
+    assert checked >= 4
