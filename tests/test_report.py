@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import re
@@ -16,6 +17,7 @@ import yaml
 from PIL import Image
 
 from noisystudent import cli
+from noisystudent.cli import DEMO_CONFIG
 from noisystudent.config import load_config
 from noisystudent.errors import UserError
 from noisystudent.pipeline import run_pipeline
@@ -120,21 +122,27 @@ def _section(html: str, sid: str) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished teacher + student run (report.html written by the pipeline)."""
+    """A finished teacher + student `noisystudent demo` run (report.html written by the
+    pipeline); its stdout is kept beside the run directory in demo_stdout.txt."""
     root = tmp_path_factory.mktemp("tiny") / "run"
     # one thread: on a shared, busy CPU, tiny 8x8 batches run ~10x faster than with several
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    out = io.StringIO()
     try:
-        run_pipeline(load_config(None, TINY + [f"run_dir={root}"]))
+        with contextlib.redirect_stdout(out):
+            assert cli.main(["demo", f"run_dir={root}", *TINY]) == 0
     finally:
         torch.set_num_threads(threads)
+    (root.parent / "demo_stdout.txt").write_text(out.getvalue())
     return root
 
 
 def test_pipeline_writes_report_with_every_section(tiny_run: Path) -> None:
     path = report_path(tiny_run)
     assert path.is_file(), "run_pipeline should write report.html at the end of the run"
+    last = (tiny_run.parent / "demo_stdout.txt").read_text().strip().splitlines()[-1]
+    assert last.endswith(path.resolve().as_uri()), "the demo ends by printing its report"
     page = _parse(path)
     assert page.ids == [sid for sid, _ in SECTIONS]
     assert not page.loads, f"the page must not load anything at view time: {page.loads}"
@@ -228,7 +236,8 @@ def test_report_failure_keeps_the_run(
         raise RuntimeError("boom")
 
     monkeypatch.setattr("noisystudent.report.build_report", broken)
-    summary = run_pipeline(load_config(None, TINY + [f"run_dir={run}"]))  # all stages done
+    cfg = load_config(None, TINY + [f"run_dir={run}"], base=DEMO_CONFIG)
+    summary = run_pipeline(cfg)  # all stages done: only the summary and the report run
     assert len(summary["iterations"]) == 2
     err = capsys.readouterr().err
     assert "boom" in err and f"noisystudent report {run}" in err
