@@ -19,6 +19,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import UserError
 from .rundir import atomic_write, write_json, write_text
+from .tarshards import TarMember, is_tar, scan_tars
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SMALL_IMAGE_MAX = 64  # at or below this resolution, images are decoded once into a uint8 cache
@@ -89,7 +90,7 @@ def load_rgb(path: str | Path) -> Image.Image:
     Any decoder failure (not an image, truncated, corrupt, a decompression bomb over Pillow's
     pixel limit, a missing file) becomes `BadImage` naming the file; only MemoryError passes."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path.open() if isinstance(path, TarMember) else path) as img:
             img.load()
             return to_rgb(img)
     except MemoryError:
@@ -213,18 +214,30 @@ def scan_class_folders(root: str | Path, what: str = "labeled") -> ImageSet:
 
 
 def scan_unlabeled(root: str | Path, classes: list[str]) -> ImageSet:
-    """All images under root (recursively). uid = relative path. If an image sits under a folder
+    """All images under root (recursively), including the image members of any uncompressed
+    `.tar` shards there (WebDataset style, see tarshards.py); root may also be one .tar.
+    uid = relative path (`shard.tar/member` for tar members). If an image sits under a folder
     named like a class, that class is kept as a hidden label for auditing pseudo labels only."""
     root = Path(root)
+    if root.is_file() and is_tar(root):
+        uids, paths = scan_tars(root, [root])
+        cidx = {c: i for i, c in enumerate(classes)}
+        labels = [cidx.get(m.name.split("/")[0], -1) if "/" in m.name else -1 for m in paths]
+        return ImageSet(classes, uids, np.asarray(labels, dtype=np.int64), paths=paths)
     if not root.is_dir():
         raise UserError(f"unlabeled data folder '{root}' does not exist; check data.unlabeled")
     cidx = {c: i for i, c in enumerate(classes)}
-    files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p))
-    if not files:
+    found = sorted(p for p in root.rglob("*") if p.is_file())
+    files = [p for p in found if _is_image(p)]
+    tar_uids, tar_members = scan_tars(root, [p for p in found if is_tar(p)])
+    if not files and not tar_members:
         raise UserError(f"unlabeled data folder '{root}' holds no images")
     uids = [p.relative_to(root).as_posix() for p in files]
-    labels = [cidx.get(u.split("/")[0], -1) if "/" in u else -1 for u in uids]
-    return ImageSet(classes, uids, np.asarray(labels, dtype=np.int64), paths=files)
+    # hidden label: the first folder of the path (of the member name inside a tar), if a class
+    keys = uids + [m.name for m in tar_members]
+    labels = [cidx.get(u.split("/")[0], -1) if "/" in u else -1 for u in keys]
+    uids += tar_uids
+    return ImageSet(classes, uids, np.asarray(labels, dtype=np.int64), paths=[*files, *tar_members])
 
 
 # ---------------------------------------------------------------------------------------------
