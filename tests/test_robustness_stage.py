@@ -176,8 +176,14 @@ def test_cache_is_generated_once_with_metadata(tmp_path):
     assert np.array_equal(
         np.array(SuiteCache(tmp_path, imgs, labels, "cifar32", 5).corruption("gaussian_noise")), a
     )
-    seq = cache.perturbation("translate")
+    seq = np.array(cache.perturbation("translate"))
     assert seq.shape == (3, 16, 16, 16, 3)
+    fresh = SuiteCache(tmp_path / "b", imgs, labels, "cifar32", seed=5)
+    assert np.array_equal(fresh.perturbation("rotate", 2), cache.perturbation("rotate")[:2])
+    assert np.array_equal(
+        fresh.perturbation("gaussian_noise", 1), cache.perturbation("gaussian_noise")[:1]
+    )
+    assert fresh.perturbation("gaussian_noise").shape[0] == 3  # a longer request regenerates
     (cache.dir / "meta.json").write_text(json.dumps({**meta, "seed": 6}))
     with pytest.raises(UserError, match="meta.json"):
         SuiteCache(tmp_path, imgs, labels, "cifar32", seed=5)

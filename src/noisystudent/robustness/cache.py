@@ -6,7 +6,7 @@ Layout (one folder per dataset fingerprint x table x seed, like CIFAR-10-C):
         meta.json                  table, seed, fingerprint, n, size, frost source, version
         labels.npy                 (N,) int64
         c/<corruption>.npy         (5 N, H, W, 3) uint8, severity-major (rows 0..N-1 = severity 1)
-        p/<perturbation>.npy       (N, T, H, W, 3) uint8
+        p/<perturbation>.npy       (K, T, H, W, 3) uint8, the first K <= N images' sequences
 
 Every corruption x severity and every perturbation draws from its own
 `np.random.Generator(seed, index)`, so a file never depends on which others were generated.
@@ -137,12 +137,22 @@ class SuiteCache:
 
         return self._load_or_make(self.dir / "c" / f"{name}.npy", make)
 
-    def perturbation(self, name: str) -> np.ndarray:
-        """(N, T, H, W, 3) uint8."""
+    def perturbation(self, name: str, count: int | None = None) -> np.ndarray:
+        """(count or N, T, H, W, 3) uint8: the first `count` images' sequences. One generator
+        runs through the images in order, so a shorter file is a prefix of a longer one."""
         pi = P.TEST.index(name)
+        n = len(self.images) if count is None else min(count, len(self.images))
+        path = self.dir / "p" / f"{name}.npy"
+        if path.is_file():
+            try:
+                arr = np.load(path, mmap_mode="r")
+                if len(arr) >= n:
+                    return arr[:n]
+            except Exception:
+                pass
+            path.unlink(missing_ok=True)  # too short or damaged: rebuild
 
         def make() -> np.ndarray:
-            n = len(self.images)
             t = P.frame_count(name, self.kind)
             out = np.empty((n, t) + self.images.shape[1:], dtype=np.uint8)
             rng = np.random.default_rng([self.seed, 100 + pi])
@@ -151,4 +161,4 @@ class SuiteCache:
                 out[k] = P.sequence(self.images[k], name, rng, self.kind)
             return out
 
-        return self._load_or_make(self.dir / "p" / f"{name}.npy", make)
+        return self._load_or_make(path, make)

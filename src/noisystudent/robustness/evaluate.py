@@ -99,8 +99,8 @@ def evaluate_suite(
 
     reference: the reference model's results dict (for mCE, relative mCE, mFR);
     reference_pred: its clean predictions on the same images (for filtered-hard accuracy).
-    With reference=None the model is its own reference is NOT assumed: normalised scores are
-    None. Pass the model's own results to get the reference's row (all 100)."""
+    Without them the normalised scores and filtered-hard accuracy are None (the reference's own
+    row is filled in by the caller, see stage._fill_self_reference)."""
     if reference is not None:
         check_reference(reference, cache, reference_where)
     labels_np = cache.labels
@@ -157,7 +157,7 @@ def evaluate_suite(
         flips, t5d = {}, {}
         m = n if opts.perturbation_subset is None else min(n, opts.perturbation_subset)
         for name in tqdm(P.TEST, desc="perturbations", disable=not opts.progress, leave=False):
-            seq = cache.perturbation(name)[:m]
+            seq = cache.perturbation(name, m)
             lg = predict_logits(model, seq, bs, device)  # (m, T, C)
             noise = name in P.NOISE
             flips[name] = M.flip_probability(lg.argmax(-1).numpy(), noise)
