@@ -32,3 +32,26 @@ def test_soft_ce_is_minimised_by_the_target_distribution():
     other = soft_cross_entropy(torch.tensor([[0.0, 0.0, 0.0]]), target)
     assert at_target < other
     assert torch.isclose(at_target, -(target * target.log()).sum())  # = entropy of the target
+
+
+def test_retemper_matches_softmax_at_the_new_temperature():
+    from noisystudent.losses import retemper
+
+    z = torch.tensor([[2.0, 0.5, -1.0, 0.0]])
+    p1 = soft_labels(z, 1.0)
+    assert torch.allclose(retemper(p1, 2.0), soft_labels(z, 2.0), atol=1e-6)
+    assert torch.allclose(retemper(p1, 0.5), soft_labels(z, 0.5), atol=1e-6)
+    assert torch.equal(retemper(p1, 1.0), p1)
+
+
+def test_hard_targets_are_smoothed_and_soft_targets_retempered():
+    from noisystudent.losses import pseudo_targets
+
+    p = torch.tensor([[0.6, 0.3, 0.1]])
+    hard = pseudo_targets(p, "hard", label_smoothing=0.1)
+    assert torch.allclose(hard, torch.tensor([[0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3]]))
+    assert torch.allclose(
+        pseudo_targets(p, "hard", label_smoothing=0.0), torch.tensor([[1.0, 0, 0]])
+    )
+    soft = pseudo_targets(p, "soft", temperature=0.5)
+    assert torch.allclose(soft, p**2 / (p**2).sum())

@@ -75,6 +75,9 @@ def _default_student() -> TrainConfig:
 class PseudoConfig:
     mode: str = "soft"  # "soft": softmax(logits / T); "hard": one-hot argmax
     temperature: float = 1.0  # reference scripts use T = 1
+    # training-time re-tempering of the stored soft labels: p^(1/T) renormalised (1: as stored)
+    retemper: float = 1.0
+    label_smoothing: float = 0.1  # hard labels only: the reference code smooths them by 0.1
     topk: int | None = (
         None  # probabilities stored per image; None: all classes when <= 100, else 10
     )

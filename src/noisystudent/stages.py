@@ -33,7 +33,7 @@ from .engine import evaluate as run_eval
 from .engine import resolve_device, train
 from .errors import UserError
 from .labeling import collect_shards, data_fingerprint, label_shards
-from .losses import hard_labels
+from .losses import pseudo_targets
 from .models import Classifier, count_params, create_model
 from .rundir import (
     RunDir,
@@ -274,9 +274,8 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
             )
         store = PseudoLabelStore.load(run.iter_dir(i - 1) / "pseudo")
         rows = load_tensors(sel_dir / "selected.safetensors")["rows"].long()
-        targets = store.dense(rows)
-        if cfg.pseudo.mode == "hard":
-            targets = hard_labels(targets)
+        targets = pseudo_targets(store.dense(rows), cfg.pseudo.mode, cfg.pseudo.retemper,
+                                 cfg.pseudo.label_smoothing)  # fmt: skip
         pos = {u: k for k, u in enumerate(data.unlabeled.uids)}
         try:
             img_idx = np.asarray([pos[store.uids[r]] for r in rows.tolist()], dtype=np.int64)
@@ -369,8 +368,6 @@ def evaluate_stage(cfg: Config, run: RunDir, data: Data, i: int) -> dict[str, An
     run.mark(name, "done", inputs=[run.model_path(i)], outputs=[path])
     run.log(stage=name, event="eval", top1=res["top1"], top5=res["top5"])
     return res
-
-
 
 
 def pseudo_label_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
