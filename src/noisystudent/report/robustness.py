@@ -194,8 +194,9 @@ def section_robustness(run: RunFiles) -> str:
     results = _robustness_results(run)
     if not results:
         return note(
-            "No robustness results in this run (iter<i>/robustness/results.json); the section "
-            "fills in once the robustness stage has run."
+            "No robustness results in this run (iter<i>/robustness/results.json): run "
+            f"`noisystudent robustness {run.root}` (or the pipeline with robustness.enabled=true), "
+            f"then `noisystudent report {run.root}`."
         )
     label = {i: f"iter{i} {run.cfg.models[i]}" for i, _ in results}
     out = [_robustness_table(results, label)]
