@@ -139,3 +139,16 @@ def _count(run, stage):
         for x in (run / "metrics.jsonl").read_text().splitlines()
         if json.loads(x).get("stage") == stage
     )
+
+
+def test_weight_ema_is_the_saved_model(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = str(_write_cfg(tmp_path))
+    assert main(["train-teacher", cfg, *tiny_overrides(tiny_data, run), "teacher.ema_decay=0.9"]) == 0
+    saved = load_tensors(run / "iter0" / "model.safetensors")
+    state = torch.load(run / "iter0" / "train" / "checkpoint.pt", weights_only=True)
+    raw, ema = state["model"], state["extra"]["ema"]
+    key = next(k for k in saved if k.endswith("fc.weight"))
+    assert not torch.allclose(saved[key], raw[key])  # not the raw last weights
+    ema_key = next(k for k in ema if k.endswith("fc.weight"))
+    assert torch.allclose(saved[key], ema[ema_key])  # the EMA weights

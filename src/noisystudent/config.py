@@ -58,7 +58,12 @@ class TrainConfig:
     unlabeled_weight: float | None = None  # student only: weight of the unlabeled loss; None: ratio
     init: str = "scratch"  # student only: "scratch" (paper default) or "teacher"
     checkpoint_every_steps: int = 500  # also at every epoch end; a kill loses at most this many
-    sync_bn: bool = False  # torchrun on GPUs: SyncBatchNorm across ranks (batch stats of the global batch)
+    # weight EMA used for evaluation and as the next teacher (reference code: 0.9999 at ImageNet
+    # scale); None: off. timm's ModelEmaV3 with warm-up, so short runs are not stuck at init.
+    ema_decay: float | None = None
+    sync_bn: bool = (
+        False  # torchrun on GPUs: SyncBatchNorm across ranks (batch stats of the global batch)
+    )
 
 
 def _default_teacher() -> TrainConfig:
@@ -102,7 +107,9 @@ class RobustnessConfig:
     """`noisystudent robustness` and the pipeline's per-iteration robustness stage (README,
     "Robustness evaluation"; protocols in docs/robustness.md)."""
 
-    enabled: bool = False  # pipeline: evaluate every model after training (off: the demo stays fast)
+    enabled: bool = (
+        False  # pipeline: evaluate every model after training (off: the demo stays fast)
+    )
     subset: int | None = None  # test images used (seeded choice); None: the whole test set
     seed: int = 0  # corruption/perturbation RNG, subset choice, PGD random start
     table: str = "auto"  # corruption parameters: auto (by image size), cifar32, tiny64, imagenet224
@@ -144,7 +151,14 @@ class Config:
 
 # Keys that change how fast or how loudly a run goes, never its results: a run directory may be
 # resumed with different values for these.
-RUNTIME_KEYS = {"run_dir", "device", "progress", "data.num_workers", "eval_batch_size", "pseudo.batch_size"}
+RUNTIME_KEYS = {
+    "run_dir",
+    "device",
+    "progress",
+    "data.num_workers",
+    "eval_batch_size",
+    "pseudo.batch_size",
+}
 # Robustness settings never change training, so a run may be resumed with other values.
 RUNTIME_KEYS |= {f"robustness.{f.name}" for f in fields(RobustnessConfig)}
 # How often a checkpoint is written changes no result (resume is exact), so it may change too.

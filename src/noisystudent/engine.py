@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
@@ -315,6 +316,7 @@ class TrainResult:
     steps: int
     final_loss: float
     wall_s: float
+    ema: nn.Module | None = None  # the weight-EMA model when tc.ema_decay is set
 
 
 def train(
@@ -383,7 +385,11 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
     n_u = len(unlabeled) if unlabeled is not None else 0
     ident = _identity(tc, seed, tag, steps_per_epoch, len(labeled), n_u, identity)
-    extra_state = extra_state or {}
+    extra_state = dict(extra_state or {})
+    ema = None
+    if tc.ema_decay is not None:  # weight EMA (timm), checkpointed and resumed with the rest
+        ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True)
+        extra_state["ema"] = ema
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / "checkpoint.pt"
@@ -511,6 +517,8 @@ def train(
             scaler.update()
             sched.step()
             step += 1
+            if ema is not None:
+                ema.update(model, step=step)
             first = ~torch.isfinite(loss.detach()) & (bad_step < 0)
             bad_step = torch.where(first, step, bad_step)
             bad_loss = torch.where(first, loss.detach(), bad_loss)
@@ -540,7 +548,9 @@ def train(
             elif every > 0 and step % every == 0:
                 save(epoch, i + 1)
     check_finite()
-    return TrainResult(tc.epochs, total, loss_val, t_used + time.time() - t0)
+    return TrainResult(
+        tc.epochs, total, loss_val, t_used + time.time() - t0, None if ema is None else ema.module
+    )
 
 
 @torch.no_grad()

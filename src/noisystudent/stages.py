@@ -338,6 +338,8 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
     )
     if not dist.is_main():  # under torchrun rank 0 writes the model (all ranks hold the same)
         return
+    if res.ema is not None:  # the EMA weights are the model: evaluated, and labeling as teacher
+        model = res.ema
     meta = model_meta(cfg, i, data, model)
     save_model(run.model_path(i), model, meta)
     write_json(out / "model.json", meta)
