@@ -34,6 +34,7 @@ DEMO_CONFIG = {
         "ratio": 3,
         "lr": 0.05,
         "randaugment": "rand-m9-n2",
+        "randaugment_semantics": "timm",
         "drop_rate": 0.3,
         "drop_path_rate": 0.2,
     },

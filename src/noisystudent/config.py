@@ -61,6 +61,9 @@ class TrainConfig:
     # weight EMA used for evaluation and as the next teacher (reference code: 0.9999 at ImageNet
     # scale); None: off. timm's ModelEmaV3 with warm-up, so short runs are not stuck at init.
     ema_decay: float | None = None
+    # "reference": RandAugment as the reference code applies it (every op, unclipped magnitude,
+    # Cutout op, extra Cutout for small images); "timm": timm's semantics for the same string
+    randaugment_semantics: str = "reference"
     sync_bn: bool = (
         False  # torchrun on GPUs: SyncBatchNorm across ranks (batch stats of the global batch)
     )
@@ -173,6 +176,8 @@ CHOICES = {
     "teacher.init": ("scratch", "teacher"),
     "student.init": ("scratch", "teacher"),
     "pseudo.mode": ("soft", "hard"),
+    "teacher.randaugment_semantics": ("reference", "timm"),
+    "student.randaugment_semantics": ("reference", "timm"),
     "select.mode": ("simple", "reference"),
     "robustness.table": ("auto", "cifar32", "tiny64", "imagenet224"),
 }

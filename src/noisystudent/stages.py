@@ -286,7 +286,13 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
         unl_ds = ViewDataset(
             data.unlabeled.subset(img_idx),
             data.size,
-            train_transform(data.size, data.small, cfg.data.hflip, tc.randaugment),
+            train_transform(
+                data.size,
+                data.small,
+                cfg.data.hflip,
+                tc.randaugment,
+                tc.randaugment_semantics == "reference",
+            ),
         )
         inputs = [sel_dir / "selected.safetensors", run.iter_dir(i - 1) / "pseudo" / "meta.json"]
         if tc.init == "teacher":
@@ -300,7 +306,13 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
     lab_ds = ViewDataset(
         data.labeled,
         data.size,
-        train_transform(data.size, data.small, cfg.data.hflip, tc.randaugment),
+        train_transform(
+            data.size,
+            data.small,
+            cfg.data.hflip,
+            tc.randaugment,
+            tc.randaugment_semantics == "reference",
+        ),
     )
     run.mark(name, "running", inputs=inputs)
     # The checkpoint belongs to these inputs: one made from other pseudo labels (the teacher or
