@@ -70,3 +70,22 @@ def test_unknown_model_name():
         create_model("resnet_9000", 10)
     with pytest.raises(UserError, match="6n\\+2"):
         create_model("cifar_resnet9", 10)
+
+
+def test_efficientnet_small_keeps_resolution_in_stages_2_and_3():
+    from timm.models.efficientnet import EfficientNet
+
+    m = create_model("efficientnet_small_b0", 10).eval()
+    assert isinstance(m.net, EfficientNet)  # timm's builder, not a re-write
+    strides = [
+        blk[0].conv_dw.stride[0] if hasattr(blk[0], "conv_dw") else 1 for blk in m.net.blocks
+    ]
+    assert strides[:3] == [1, 1, 1] and strides[3] == 2  # B0 would have 2 in stages 2 and 3
+    assert m.net.forward_features(torch.rand(1, 3, 32, 32)).shape[-1] == 4  # 32 -> 4, not 1
+    assert m.net.drop_rate == 0.2  # B0 dropout
+    rates = [
+        b.drop_path.drop_prob for s in m.net.blocks for b in s if hasattr(b.drop_path, "drop_prob")
+    ]
+    assert max(rates) == pytest.approx(0.2, abs=0.02)  # stochastic depth 0.2
+    b2 = create_model("efficientnet_small_b2", 10)
+    assert b2.net.drop_rate == 0.3 and count_params(b2) > count_params(m)
