@@ -33,7 +33,9 @@ def test_reference_semantics_apply_every_op_unclipped_with_cutout():
 def test_timm_semantics_keep_timm_defaults():
     t = randaugment("rand-m9-n2", 32, reference=False)
     assert all(op.prob == 0.5 for op in t.ops)  # timm: each op with probability 0.5
-    assert all(op.magnitude_max is None for op in t.ops)  # timm: clipped at its level denominator 10
+    assert all(
+        op.magnitude_max is None for op in t.ops
+    )  # timm: clipped at its level denominator 10
     assert not any(isinstance(op, Cutout) for op in t.ops)
 
 

@@ -144,7 +144,9 @@ def _count(run, stage):
 def test_weight_ema_is_the_saved_model(tiny_data, tmp_path):
     run = tmp_path / "run"
     cfg = str(_write_cfg(tmp_path))
-    assert main(["train-teacher", cfg, *tiny_overrides(tiny_data, run), "teacher.ema_decay=0.9"]) == 0
+    assert (
+        main(["train-teacher", cfg, *tiny_overrides(tiny_data, run), "teacher.ema_decay=0.9"]) == 0
+    )
     saved = load_tensors(run / "iter0" / "model.safetensors")
     state = torch.load(run / "iter0" / "train" / "checkpoint.pt", weights_only=True)
     raw, ema = state["model"], state["extra"]["ema"]
