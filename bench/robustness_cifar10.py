@@ -88,6 +88,11 @@ def main() -> int:
     ap.add_argument("--run-dir", default=str(CACHE / "runs" / "robustness-cifar10"))
     ap.add_argument("--subset", type=int, default=1000, help="test images for the robustness suite")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--cache-dir",
+        default=str(CACHE / "decode-cache"),
+        help="decode cache + cached corrupted/perturbed arrays (new runs only)",
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "robustness_cifar10.json"))
     ap.add_argument(
         "--perturbation-subset",
@@ -127,7 +132,7 @@ def main() -> int:
             labeled=str(split / "labeled.tsv"),
             unlabeled=str(split / "unlabeled.tsv"),
             test=str(data / "test"),
-            cache_dir=str(CACHE / "decode-cache"),
+            cache_dir=str(Path(args.cache_dir).expanduser()),
         )
         cfg = load_config(None, None, base=base)
     cfg.robustness.enabled = False  # evaluated below, after both models are trained
