@@ -106,6 +106,18 @@ class SelectConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """FixRes-style fine-tune of the final model at a higher resolution (off by default)."""
+
+    enabled: bool = False
+    image_size: int | None = None  # must exceed data.image_size
+    epochs: int = 2  # paper: 1.5 epochs (over ImageNet's labeled set)
+    lr: float = 0.005
+    batch_size: int = 64
+    freeze_blocks: int = 0  # K: the stem and the first K blocks keep their weights
+
+
+@dataclass
 class RobustnessConfig:
     """`noisystudent robustness` and the pipeline's per-iteration robustness stage (README,
     "Robustness evaluation"; protocols in docs/robustness.md)."""
@@ -145,6 +157,7 @@ class Config:
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval_batch_size: int = 256
     progress: bool = True  # tqdm progress bars
 

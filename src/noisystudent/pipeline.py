@@ -100,6 +100,14 @@ def _run_pipeline(cfg: Config) -> dict[str, Any]:
             dist.barrier()
         if dist.is_main():
             write_summary(cfg, run)
+    if cfg.finetune.enabled and dist.is_main():  # FixRes-style, on the final model
+        from .finetune import finetune_stage
+
+        ev = finetune_stage(cfg, run, last)
+        say(
+            f"[iter {last}] fine-tuned at {cfg.finetune.image_size} px: test top-1 {ev['top1']:.2f}%"
+        )
+    dist.barrier()
     if not dist.is_main():
         return {}
     summary = write_summary(cfg, run)

@@ -532,6 +532,9 @@ def write_summary(cfg: Config, run: RunDir) -> dict[str, Any]:
                 "wall_s": stages.get(_stage(i, "train"), {}).get("wall_s"),
             }
         )
+        fj = run.iter_dir(i) / "finetune" / "eval.json"
+        if fj.is_file():  # FixRes fine-tune at a higher resolution
+            rows[-1]["finetune_top1"] = json.loads(fj.read_text()).get("top1")
     summary = {
         "run_dir": str(run.root),
         "iterations": rows,
