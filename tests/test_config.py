@@ -47,3 +47,12 @@ def test_runtime_keys_do_not_count_as_differences():
     assert config_differences(a, b) == []
     c = load_config(None, ["teacher.epochs=3"]).to_dict()
     assert config_differences(a, c) == ["teacher.epochs"]
+
+
+def test_a_key_missing_from_an_older_config_counts_as_its_default():
+    new = load_config(None, ["teacher.epochs=3"]).to_dict()
+    old = load_config(None, ["teacher.epochs=3"]).to_dict()
+    del old["select"]["mode"]  # saved before the key existed
+    assert config_differences(old, new) == []
+    new["select"]["mode"] = "reference"
+    assert config_differences(old, new) == ["select.mode"]

@@ -343,7 +343,10 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Keys (dotted) whose values differ and that can change results."""
+    """Keys (dotted) whose values differ and that can change results. A key the older config
+    `a` lacks (it was saved before the key existed) counts as holding today's default."""
     fa, fb = flatten(a), flatten(b)
+    defaults = flatten(Config().to_dict())
     keys = sorted(set(fa) | set(fb))
-    return [k for k in keys if fa.get(k) != fb.get(k) and k not in RUNTIME_KEYS]
+    return [k for k in keys
+            if fa.get(k, defaults.get(k)) != fb.get(k, defaults.get(k)) and k not in RUNTIME_KEYS]  # fmt: skip
