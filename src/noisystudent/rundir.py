@@ -46,6 +46,7 @@ def _rank() -> int:
 
     return rank()
 
+
 MANIFEST_VERSION = 1
 TMP_SUFFIX = ".tmp"  # atomic_write's temporary files: .<name>.<random>.tmp beside the target
 
@@ -144,8 +145,33 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def save_tensors(
     path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None
 ) -> Path:
+    """A safetensors file whose bytes depend only on its content (see `_sort_metadata`), so equal
+    weights give an equal sha256 in every process."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+    def write(p: Path) -> None:
+        save_file(tensors, str(p), metadata=meta)
+        if meta:
+            _sort_metadata(p)
+
+    return atomic_write(path, write)
+
+
+def _sort_metadata(path: Path) -> None:
+    """safetensors writes its metadata map in a per-process random (hash) order; rewrite the
+    header in place with the metadata keys sorted. Same content, same length: only the order of
+    bytes inside the header changes."""
+    with open(path, "rb+") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) > n:  # cannot happen for the same content; keep the file as written
+            return
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
