@@ -1,0 +1,234 @@
+"""CIFAR-10 with 4,000 labels: teacher, Noisy Student iterations, controls and ablations.
+
+    python bench/cifar10_ssl.py [--rows main|ablations|all] [--quick] [--data TAR] [--cache DIR]
+
+Protocol: 400 labels per class from train/ (seed 0, `noisystudent split`), the other 46,000
+train images unlabeled (their labels only audit pseudo labels), the 10,000 test images for
+evaluation. Every row is a `noisystudent run` of the project's own CLI (a subprocess), so the
+numbers come from the code path users run. Rows:
+
+    teacher, ns_iter1, ns_iter2        one 3-model Noisy Student run (iter0, iter1, iter2)
+    supervised_control                 the final student's model and noise, labels only,
+                                       the same number of training steps as ns_iter2
+    upper_bound                        the final student's model on all 50,000 labels, same steps
+    ablation_<what>                    one iteration from the same teacher (its iter0 reused):
+                                       no_noise, hard_labels, no_selection, equal_size,
+                                       init_from_teacher (equal size: needs the same model),
+                                       ratio1
+
+Writes bench/results/cifar10_4k.json (`rows`: name, test_top1 %, pseudo_label_acc,
+kept_fraction, wall_s) and bench/results/cifar10_4k.md, and prints the table. `--quick` is a
+smoke run (1,000 unlabeled images, a 2,000-image test subset, 1-2 epochs) for the slow tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+DEFAULT_CACHE = Path.home() / ".cache" / "noisystudent" / "cifar10"
+
+# Sized for a 2-core CPU (about 60 minutes for the main rows). Teacher < student1 < student2.
+MODELS = ["cifar_resnet8", "cifar_resnet14", "cifar_resnet20"]
+BASE = {
+    "seed": 0,
+    "progress": False,
+    "data": {"image_size": 32, "num_workers": 0},
+    "teacher": {"epochs": 40, "batch_size": 64, "lr": 0.1, "warmup_epochs": 2,
+                "randaugment": "rand-m9-n2", "randaugment_semantics": "timm"},
+    "student": {"epochs": 6, "batch_size": 64, "ratio": 3, "lr": 0.1, "warmup_epochs": 0.5,
+                "randaugment": "rand-m9-n2", "drop_rate": 0.3, "drop_path_rate": 0.1,
+                "ema_decay": 0.999},
+    "pseudo": {"mode": "soft"},
+    "select": {"threshold": 0.3, "balance": True},
+}  # fmt: skip
+QUICK = {"teacher": {"epochs": 2}, "student": {"epochs": 1}}
+
+
+def merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def prepare(tar: Path, cache: Path, quick: bool) -> dict[str, Path]:
+    """Extract the JPEG class folders once, then split 400 labels per class with the CLI."""
+    if not (cache / "train").is_dir():
+        if not tar.is_file():
+            sys.exit(f"cifar10_ssl: data archive '{tar}' not found; pass --data")
+        cache.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tar) as tf:
+            tf.extractall(cache, filter="data")
+        inner = [d for d in cache.iterdir() if d.is_dir() and (d / "train").is_dir()]
+        for d in inner:  # archive with a top folder: lift train/ and test/
+            for sub in ("train", "test"):
+                shutil.move(str(d / sub), cache / sub)
+    split = cache / "split4k"
+    if not (split / "labeled.tsv").is_file():
+        cli("split", str(cache / "train"), str(split), "--labels-per-class", "400", "--seed", "0")
+    paths = {"labeled": split / "labeled.tsv", "unlabeled": split / "unlabeled.tsv",
+             "test": cache / "test", "all": cache / "train"}  # fmt: skip
+    if quick:  # a fixed small unlabeled subset and test subset (first lines / files)
+        q = cache / "quick"
+        if not (q / "unlabeled.tsv").is_file():
+            q.mkdir(parents=True, exist_ok=True)
+            lines = (split / "unlabeled.tsv").read_text().splitlines()
+            (q / "unlabeled.tsv").write_text("\n".join(lines[:3] + lines[3::46]) + "\n")
+            for c in sorted(p.name for p in (cache / "test").iterdir()):
+                (q / "test" / c).mkdir(parents=True, exist_ok=True)
+                for f in sorted((cache / "test" / c).iterdir())[:200]:
+                    dst = q / "test" / c / f.name
+                    if not dst.exists():
+                        os.symlink(f, dst)
+        paths.update(unlabeled=q / "unlabeled.tsv", test=q / "test")
+    return paths
+
+
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "noisystudent", *args], check=True)
+
+
+def run(name: str, cfg: dict, out: Path) -> tuple[dict, float]:
+    """`noisystudent run` on a config; returns (summary, wall seconds). Resumes when re-run."""
+    d = out / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "bench.yaml").write_text(yaml.safe_dump(merge(cfg, {"run_dir": str(d / "run")})))
+    t0 = time.time()
+    cli("run", str(d / "bench.yaml"))
+    return json.loads((d / "run" / "summary.json").read_text()), time.time() - t0
+
+
+def row(name: str, it: dict, wall: float) -> dict:
+    return {"name": name, "model": it["model"], "test_top1": it["test_top1"],
+            "pseudo_label_acc": it.get("pseudo_label_acc"), "kept_fraction": it.get("kept_fraction"),
+            "wall_s": round(wall if it.get("wall_s") is None else it["wall_s"], 1)}  # fmt: skip
+
+
+def student_steps(summary_dir: Path, cfg: dict, i: int) -> int:
+    """Training steps of student i (its selected rows / unlabeled batch x epochs)."""
+    counts = json.loads((summary_dir / f"iter{i - 1}" / "select" / "counts.json").read_text())
+    s = cfg["student"]
+    return max(1, counts["selected_rows"] // (s["batch_size"] * s["ratio"])) * s["epochs"]
+
+
+def supervised_like_student(
+    cfg: dict, model: str, labeled: Path, n_labeled: int, steps: int
+) -> dict:
+    """The student's model and noise trained on labels only, with `steps` training steps."""
+    s = cfg["student"]
+    epochs = max(1, math.ceil(steps / max(1, n_labeled // s["batch_size"])))
+    teacher = {
+        k: s[k]
+        for k in ("batch_size", "lr", "randaugment", "drop_rate", "drop_path_rate", "ema_decay")
+    }
+    return merge(cfg, {"models": [model], "data": {"labeled": str(labeled)},
+                       "teacher": {**teacher, "epochs": epochs, "warmup_epochs": 1,
+                                   "randaugment_semantics": s.get("randaugment_semantics", "reference")}})  # fmt: skip
+
+
+def reuse_teacher(src: Path, dst: Path, keep_select: bool = True) -> None:
+    """Start an ablation from the main run's iteration-0 teacher, pseudo labels and selection."""
+    if (dst / "run" / "manifest.json").is_file():
+        return
+    (dst / "run").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / "iter0", dst / "run" / "iter0", ignore=shutil.ignore_patterns("train"))
+    m = json.loads((src / "manifest.json").read_text())
+    keep = {"iter0/train", "iter0/evaluate", "iter0/pseudo-label"} | (
+        {"iter0/select"} if keep_select else set()
+    )
+    m["stages"] = {k: v for k, v in m["stages"].items() if k in keep}
+    (dst / "run" / "manifest.json").write_text(json.dumps(m))
+    if not keep_select:
+        shutil.rmtree(dst / "run" / "iter0" / "select", ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", choices=["main", "ablations", "all"], default="main")
+    ap.add_argument("--quick", action="store_true", help="a few-minute smoke run")
+    ap.add_argument("--data", type=Path, default=DEFAULT_TAR)
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+    paths = prepare(args.data, args.cache, args.quick)
+    work = args.cache / ("runs-quick" if args.quick else "runs")
+    cfg = merge(BASE, {"data": {k: str(paths[k]) for k in ("labeled", "unlabeled", "test")}})
+    if args.quick:
+        cfg = merge(cfg, QUICK)
+    rows, t_all = [], time.time()
+
+    ns, wall = run("ns", merge(cfg, {"models": MODELS}), work)
+    ns_dir = work / "ns" / "run"
+    for it, name in zip(ns["iterations"], ["teacher", "ns_iter1", "ns_iter2"], strict=False):
+        rows.append(row(name, it, wall))
+    if args.rows in ("main", "all"):
+        steps = student_steps(ns_dir, cfg, len(MODELS) - 1)
+        ctrl, w = run(
+            "supervised_control",
+            supervised_like_student(cfg, MODELS[-1], paths["labeled"], 4000, steps),
+            work,
+        )
+        rows.append(row("supervised_control", ctrl["iterations"][0], w))
+        n_all = 50000 if not args.quick else 4000
+        up_cfg = supervised_like_student(cfg, MODELS[-1], paths["all"], n_all, steps)
+        up, w = run("upper_bound", up_cfg, work)
+        rows.append(row("upper_bound", up["iterations"][0], w))
+    if args.rows in ("ablations", "all"):
+        one = merge(cfg, {"models": MODELS[:2]})
+        same = merge(cfg, {"models": [MODELS[0], MODELS[0]]})
+        ablations = {
+            "no_noise": merge(one, {"student": {"randaugment": None, "drop_rate": 0.0, "drop_path_rate": 0.0}}),
+            "hard_labels": merge(one, {"pseudo": {"mode": "hard"}}),
+            "no_selection": (merge(one, {"select": {"threshold": 0.0, "balance": False}}), False),
+            "equal_size": same,
+            "init_from_teacher": merge(same, {"student": {"init": "teacher"}}),
+            "ratio1": merge(one, {"student": {"ratio": 1}}),
+        }  # fmt: skip
+        for what, spec in ablations.items():
+            c, keep = spec if isinstance(spec, tuple) else (spec, True)
+            reuse_teacher(ns_dir, work / f"ablation_{what}", keep_select=keep)
+            s, w = run(f"ablation_{what}", c, work)
+            rows.append(row(f"ablation_{what}", s["iterations"][-1], w))
+
+    result = {"protocol": "CIFAR-10, 400 labels/class (seed 0), 46k unlabeled, 10k test",
+              "quick": args.quick, "rows": rows, "total_wall_s": round(time.time() - t_all, 1),
+              "command": "python bench/cifar10_ssl.py " + " ".join(sys.argv[1:])}  # fmt: skip
+    by = {r["name"]: r for r in rows}
+    if {"teacher", "ns_iter2", "upper_bound"} <= set(by):
+        t, s, u = (
+            by["teacher"]["test_top1"],
+            by["ns_iter2"]["test_top1"],
+            by["upper_bound"]["test_top1"],
+        )
+        result["gap_closed"] = round((s - t) / (u - t), 3) if u != t else None
+    name = "cifar10_4k_quick" if args.quick else "cifar10_4k"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = [
+        "| row | model | test top-1 | pseudo-label acc | kept | wall s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        table.append(f"| {r['name']} | {r['model']} | {fmt(r['test_top1'], '.2f')}% | "
+                     f"{fmt(r['pseudo_label_acc'], '.2f')} | {fmt(r['kept_fraction'], '.3f')} | {r['wall_s']} |")  # fmt: skip
+    (args.out / f"{name}.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
