@@ -39,7 +39,7 @@ TINY = [
     "student.batch_size=25",
     "student.ratio=2",
     "student.randaugment=null",
-    "select.threshold=0.15",  # a briefly trained teacher is not confident
+    "select.threshold=0.0",  # a briefly trained teacher is not confident: keep every image
     "device=cpu",
     "progress=false",
 ]
