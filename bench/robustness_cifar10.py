@@ -26,12 +26,10 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from noisystudent.config import Config, load_config
+from noisystudent.config import load_config
 from noisystudent.pipeline import open_run, run_pipeline
 from noisystudent.robustness.stage import RESULTS, format_table, robustness_stage
-from noisystudent.rundir import write_text
 from noisystudent.stages import load_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,24 +58,6 @@ BENCH_CONFIG = {
     },
     "select": {"threshold": 0.3, "balance": True, "per_class": 800},
 }
-
-
-def add_new_default_keys(path: Path) -> None:
-    """A run made before a config key existed lacks it, and `open_run` would refuse the run as
-    "made with a different config"; write the key's default (the behaviour the run had)."""
-    old = yaml.safe_load(path.read_text()) or {}
-
-    def fill(o: dict, new: dict) -> bool:
-        changed = False
-        for k, v in new.items():
-            if k not in o:
-                o[k], changed = v, True
-            elif isinstance(v, dict) and isinstance(o[k], dict):
-                changed |= fill(o[k], v)
-        return changed
-
-    if fill(old, Config().to_dict()):
-        write_text(path, yaml.safe_dump(old, sort_keys=False))
 
 
 def main() -> int:
@@ -122,7 +102,6 @@ def main() -> int:
 
     run_dir = Path(args.run_dir).expanduser()
     if (run_dir / "config.yaml").is_file():
-        add_new_default_keys(run_dir / "config.yaml")
         cfg = load_config(run_dir)
         print(f"reusing run directory {run_dir} (its config.yaml)")
     else:
