@@ -138,10 +138,14 @@ def test_lock_cleans_temp_files_and_a_torn_metrics_line(tmp_path):
     (tmp_path / "iter0").mkdir()
     orphan = tmp_path / "iter0" / ".model.safetensors.abc123.tmp"
     orphan.write_bytes(b"half")
+    rust_orphan = tmp_path / "iter0" / ".tmpV3Vuam"  # safetensors' own staging file (SIGKILL)
+    rust_orphan.write_bytes(b"half")
+    keep = tmp_path / "iter0" / ".tmpfile_of_the_user"
+    keep.write_bytes(b"x")
     assert [e["event"] for e in run.metrics()] == ["a"]  # readers skip the torn line
     run.lock()
     try:
-        assert not orphan.exists()
+        assert not orphan.exists() and not rust_orphan.exists() and keep.exists()
         assert run.metrics_path.read_text().count("\n") == 1
         run.log(event="b")
         assert [e["event"] for e in run.metrics()] == ["a", "b"]

@@ -28,6 +28,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import socket
 import tempfile
 import time
@@ -332,11 +333,13 @@ class RunDir:
             os.close(fd)  # closing the descriptor releases the flock
 
     def clean_leftovers(self) -> list[Path]:
-        """Remove atomic_write temporaries (`.name.XXXX.tmp`) a killed process left behind and
+        """Remove temporaries a killed process left behind, atomic_write's (`.name.XXXX.tmp`) and
+        safetensors' own (its Rust writer stages through `.tmpXXXXXX` before renaming), and
         drop a torn last line of metrics.jsonl. Only safe while holding the lock."""
         removed = []
-        for p in self.root.rglob(f".*{TMP_SUFFIX}"):
-            if p.is_file():
+        rust_tmp = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+        for p in self.root.rglob(".*"):
+            if p.is_file() and (p.name.endswith(TMP_SUFFIX) or rust_tmp.fullmatch(p.name)):
                 p.unlink(missing_ok=True)
                 removed.append(p)
         if self.metrics_path.is_file():
