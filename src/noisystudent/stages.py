@@ -266,6 +266,9 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
     out = run.iter_dir(i)
     inputs: list[Path] = []
     unl_ds, targets = None, None
+    # the train view, for labeled and pseudo-labeled images alike: crop/flip + RandAugment
+    aug = train_transform(data.size, data.small, cfg.data.hflip, tc.randaugment,
+                          tc.randaugment_semantics == "reference")  # fmt: skip
     if i > 0:
         sel_dir = run.iter_dir(i - 1) / "select"
         if not run.stage_done(_stage(i - 1, "select")):
@@ -286,13 +289,7 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
         unl_ds = ViewDataset(
             data.unlabeled.subset(img_idx),
             data.size,
-            train_transform(
-                data.size,
-                data.small,
-                cfg.data.hflip,
-                tc.randaugment,
-                tc.randaugment_semantics == "reference",
-            ),
+            aug,
         )
         inputs = [sel_dir / "selected.safetensors", run.iter_dir(i - 1) / "pseudo" / "meta.json"]
         if tc.init == "teacher":
@@ -303,17 +300,7 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
                 )
             model.load_state_dict(teacher.state_dict())
             inputs.append(run.model_path(i - 1))
-    lab_ds = ViewDataset(
-        data.labeled,
-        data.size,
-        train_transform(
-            data.size,
-            data.small,
-            cfg.data.hflip,
-            tc.randaugment,
-            tc.randaugment_semantics == "reference",
-        ),
-    )
+    lab_ds = ViewDataset(data.labeled, data.size, aug)
     run.mark(name, "running", inputs=inputs)
     # The checkpoint belongs to these inputs: one made from other pseudo labels (the teacher or
     # the selection was re-run since) cannot be resumed, so training restarts.
