@@ -1,0 +1,143 @@
+"""Training and pseudo-labeling throughput against a plain PyTorch loop and the bare model.
+
+    python bench/throughput.py [--model cifar_resnet20] [--size 32] [--reps 3] [--steps 20]
+
+Measured side by side in one process (median of --reps):
+  (a) plain loop: the same model, synthetic tensors in memory, fp32, eager, channels-first;
+  (b) bare-model limit: the same synthetic tensors with the project's precision and memory
+      format (engine.autocast_dtype: bf16 only where the CPU/GPU runs it natively; channels_last);
+  (c) the project's real student training (engine.train) on CIFAR-10 JPEGs decoded through the
+      project's data code, RandAugment, the labeled + unlabeled (ratio 3) mix and logging;
+  (d) the project's real pseudo-labeling (labeling.label_shards: teacher inference + store
+      shards written), against (a) and (b) in inference mode.
+Images/s count every image through the model (labeled + unlabeled for training). Writes
+bench/results/throughput.json with `ratios` (train_vs_plain c/a, train_vs_limit c/b,
+label_vs_plain d/a, label_vs_limit d/b) beside the raw figures, and prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from noisystudent.augment import ViewDataset, train_transform
+from noisystudent.config import TrainConfig
+from noisystudent.data import decode_to_array, scan_class_folders
+from noisystudent.engine import autocast_dtype, train
+from noisystudent.labeling import label_shards
+from noisystudent.models import create_model
+from noisystudent.rundir import RunDir
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path.home() / ".cache" / "noisystudent" / "cifar10"
+
+
+def synthetic(model, x, y, steps, train_mode, amp, channels_last) -> float:
+    """images/s of a bare loop over in-memory tensors."""
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train(train_mode)
+
+    def step():
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            if not train_mode:
+                with torch.no_grad():
+                    return model(x)
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * len(x) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="cifar_resnet20")
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=64, help="labeled batch; unlabeled = 3x")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--data", type=Path, default=CACHE / "train", help="CIFAR-10 class folders")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "throughput.json")
+    args = ap.parse_args()
+    if not args.data.is_dir():
+        sys.exit(
+            f"throughput: '{args.data}' not found; extract ../shared/data/cifar10-jpg.tar.gz there"
+        )
+    torch.manual_seed(0)
+    amp = autocast_dtype(torch.device("cpu"))
+    n_train = args.batch * 4  # labeled + 3x unlabeled in one forward pass
+    x = torch.rand(n_train, 3, args.size, args.size)
+    y = torch.randint(0, 10, (n_train,))
+    xi = torch.rand(256, 3, args.size, args.size)
+    new = lambda: create_model(args.model, 10, 0.3, 0.2)  # noqa: E731
+
+    images = scan_class_folders(args.data, "labeled")
+    pick = np.random.default_rng(0).choice(len(images), n_train * args.steps + 4000, replace=False)
+    work = Path(tempfile.mkdtemp(prefix="ns-throughput-"))
+    images = decode_to_array(images.subset(pick), args.size, work / "cache", "bench", False)
+    n_l = 4000
+    lab, unl = images.subset(np.arange(n_l)), images.subset(np.arange(n_l, len(images)))
+    aug = train_transform(args.size, True, True, "rand-m9-n2", True)
+    tc = TrainConfig(epochs=1, batch_size=args.batch, ratio=3, randaugment="rand-m9-n2",
+                     drop_rate=0.3, drop_path_rate=0.2, checkpoint_every_steps=0)  # fmt: skip
+    targets = torch.softmax(torch.randn(len(unl), 10), 1)
+
+    res: dict[str, list[float]] = {
+        k: [] for k in ("a_train", "b_train", "c_train", "a_infer", "b_infer", "d_label")
+    }
+    for r in range(args.reps):
+        res["a_train"].append(synthetic(new(), x, y, args.steps, True, None, False))
+        res["b_train"].append(synthetic(new(), x, y, args.steps, True, amp, True))
+        res["a_infer"].append(synthetic(new().eval(), xi, None, args.steps, False, None, False))
+        res["b_infer"].append(synthetic(new().eval(), xi, None, args.steps, False, amp, True))
+        # (c) one epoch of the real student loop: len(unl) // (3 * batch) = `steps` steps
+        run = RunDir(work / f"run{r}")
+        t = time.perf_counter()
+        out = train(new(), ViewDataset(lab, args.size, aug), torch.from_numpy(lab.labels), tc,
+                    run.root / "train", run, "bench", 0, torch.device("cpu"),
+                    unlabeled=ViewDataset(unl, args.size, aug), targets=targets, progress=False)  # fmt: skip
+        res["c_train"].append(out.steps * n_train / (time.perf_counter() - t))
+        # (d) real pseudo-labeling of all images into store shards
+        t = time.perf_counter()
+        label_shards(new(), images, args.size, run.root / "pseudo", 10, 10, 1.0, {"bench": "1"},
+                     65536, 256, torch.device("cpu"))  # fmt: skip
+        res["d_label"].append(len(images) / (time.perf_counter() - t))
+        print(json.dumps({k: round(v[-1], 1) for k, v in res.items()}), flush=True)
+
+    med = {k: round(statistics.median(v), 1) for k, v in res.items()}
+    out = {
+        "model": args.model, "size": args.size, "batch_labeled": args.batch, "ratio": 3,
+        "precision": str(amp or torch.float32), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(), "images_per_s": med, "reps": args.reps,
+        "ratios": {
+            "train_vs_plain": round(med["c_train"] / med["a_train"], 3),
+            "train_vs_limit": round(med["c_train"] / med["b_train"], 3),
+            "label_vs_plain": round(med["d_label"] / med["a_infer"], 3),
+            "label_vs_limit": round(med["d_label"] / med["b_infer"], 3),
+        },
+        "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
