@@ -58,3 +58,14 @@ def tiny_overrides(
         "student.warmup_epochs=0",
         "progress=false",
     ]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one torch thread (two oversubscribed threads are ~100x slower on a busy CPU)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

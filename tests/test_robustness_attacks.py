@@ -12,14 +12,7 @@ import torch.nn as nn
 from noisystudent.models import Classifier, create_model
 from noisystudent.robustness.adversarial import adversarial_accuracy, fgsm, pgd
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread (two oversubscribed threads are ~100x slower on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cnn(seed: int = 0) -> Classifier:

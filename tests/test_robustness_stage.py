@@ -23,13 +23,7 @@ from noisystudent.rundir import save_tensors, write_json
 
 from .conftest import CLASSES, make_class_folders
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quick_fit(model: torch.nn.Module, folder: Path, steps: int) -> None:
