@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from noisystudent.augment import ViewDataset, train_transform
+from noisystudent.augment import ViewDataset, batch_train_view
 from noisystudent.config import TrainConfig
 from noisystudent.data import decode_to_array, scan_class_folders
 from noisystudent.engine import autocast_dtype, train
@@ -94,7 +94,7 @@ def main() -> None:
     images = decode_to_array(images.subset(pick), args.size, work / "cache", "bench", False)
     n_l = 4000
     lab, unl = images.subset(np.arange(n_l)), images.subset(np.arange(n_l, len(images)))
-    aug = train_transform(args.size, True, True, "rand-m9-n2", True)
+    per_image, batch_aug = batch_train_view(args.size, True, True, "rand-m9-n2")  # as train_stage
     tc = TrainConfig(epochs=1, batch_size=args.batch, ratio=3, randaugment="rand-m9-n2",
                      drop_rate=0.3, drop_path_rate=0.2, checkpoint_every_steps=0)  # fmt: skip
     targets = torch.softmax(torch.randn(len(unl), 10), 1)
@@ -110,9 +110,10 @@ def main() -> None:
         # (c) one epoch of the real student loop: len(unl) // (3 * batch) = `steps` steps
         run = RunDir(work / f"run{r}")
         t = time.perf_counter()
-        out = train(new(), ViewDataset(lab, args.size, aug), torch.from_numpy(lab.labels), tc,
-                    run.root / "train", run, "bench", 0, torch.device("cpu"),
-                    unlabeled=ViewDataset(unl, args.size, aug), targets=targets, progress=False)  # fmt: skip
+        out = train(new(), ViewDataset(lab, args.size, per_image), torch.from_numpy(lab.labels),
+                    tc, run.root / "train", run, "bench", 0, torch.device("cpu"),
+                    unlabeled=ViewDataset(unl, args.size, per_image), targets=targets,
+                    progress=False, batch_aug=batch_aug)  # fmt: skip
         res["c_train"].append(out.steps * n_train / (time.perf_counter() - t))
         # (d) real pseudo-labeling of all images into store shards
         t = time.perf_counter()

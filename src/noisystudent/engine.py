@@ -20,7 +20,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -252,7 +252,19 @@ def _loader(ds, batch: int, shuffle: bool, seed: int, workers: int, drop_last: b
     )
 
 
+def _array_batches(ds: ViewDataset, plan: _BatchPlan) -> Iterator:
+    """Batches straight from a decoded uint8 cache (no per-image transform): one fancy index
+    per batch; the NHWC array viewed as NCHW is already channels_last."""
+    arr = ds.images.array
+    for batch in plan:
+        idx = np.fromiter((i for i, _ in batch), dtype=np.int64, count=len(batch))
+        yield torch.from_numpy(arr[idx]).permute(0, 3, 1, 2), torch.from_numpy(idx)
+
+
 def _plan_loader(ds: ViewDataset, plan: _BatchPlan, workers: int) -> Iterator:
+    a = ds.images.array
+    if ds.transform is None and a is not None and a.shape[1] == ds.size == a.shape[2]:
+        return _array_batches(ds, plan)
     return iter(
         DataLoader(
             _Items(ds),
@@ -337,6 +349,7 @@ def train(
     identity: dict[str, Any] | None = None,
     extra_state: dict[str, Any] | None = None,
     checkpoint_every: int | None = None,
+    batch_aug: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train `model` in place; checkpoint to out_dir/checkpoint.pt every `checkpoint_every` steps
     (default tc.checkpoint_every_steps; 0: epoch ends only) and at every epoch end; resume from
@@ -350,6 +363,8 @@ def train(
     model (e.g. a weight EMA); their state is restored on resume.
     A non-finite loss stops training with an error naming the step; nothing after that step is
     saved, so the last checkpoint stays the last good one.
+    batch_aug: noise applied to each step's whole uint8 batch on the device (batchaug), drawn
+    from a generator seeded by the step and rank.
     """
     rank, world = dist.rank(), dist.world_size()
     if tc.sync_bn and world > 1:
@@ -501,7 +516,13 @@ def train(
                 xu, iu = _drop_bad(*next(unl_it), unlabeled.images)
                 x = torch.cat([xl, xu])
                 tu = targets[iu.to(device)]
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = x.to(device, non_blocking=True)
+            if batch_aug is not None:
+                g = torch.Generator().manual_seed(
+                    _mix(es, 3, i, rank) if world > 1 else _mix(es, 3, i)
+                )
+                x = batch_aug(x, g)
+            x = x.contiguous(memory_format=torch.channels_last)
             # model noise of this step and rank (dropout, drop path)
             torch.manual_seed(_mix(es, 2, i, rank) if world > 1 else _mix(es, 2, i))
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):

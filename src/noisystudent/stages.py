@@ -18,7 +18,7 @@ import torch
 
 from . import __version__
 from . import distributed as dist
-from .augment import ViewDataset, train_transform
+from .augment import ViewDataset, batch_train_view, train_transform
 from .config import Config
 from .data import (
     SMALL_IMAGE_MAX,
@@ -267,8 +267,13 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
     inputs: list[Path] = []
     unl_ds, targets = None, None
     # the train view, for labeled and pseudo-labeled images alike: crop/flip + RandAugment
-    aug = train_transform(data.size, data.small, cfg.data.hflip, tc.randaugment,
-                          tc.randaugment_semantics == "reference")  # fmt: skip
+    if tc.randaugment_semantics == "reference":  # per-image crop (large images) + batch noise
+        aug, batch_aug = batch_train_view(data.size, data.small, cfg.data.hflip, tc.randaugment)
+    else:  # timm's per-image PIL RandAugment
+        aug, batch_aug = (
+            train_transform(data.size, data.small, cfg.data.hflip, tc.randaugment),
+            None,
+        )
     if i > 0:
         sel_dir = run.iter_dir(i - 1) / "select"
         if not run.stage_done(_stage(i - 1, "select")):
@@ -334,6 +339,7 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
         workers=cfg.data.num_workers,
         progress=cfg.progress,
         identity=ident,
+        batch_aug=batch_aug,
     )
     if not dist.is_main():  # under torchrun rank 0 writes the model (all ranks hold the same)
         return
