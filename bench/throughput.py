@@ -1,6 +1,7 @@
 """Training and pseudo-labeling throughput against a plain PyTorch loop and the bare model.
 
     python bench/throughput.py [--model cifar_resnet20] [--size 32] [--reps 3] [--steps 20]
+                               [--memory]
 
 Measured side by side in one process (median of --reps):
   (a) plain loop: the same model, synthetic tensors in memory, fp32, eager, channels-first;
@@ -13,6 +14,9 @@ Measured side by side in one process (median of --reps):
 Images/s count every image through the model (labeled + unlabeled for training). Writes
 bench/results/throughput.json with `ratios` (train_vs_plain c/a, train_vs_limit c/b,
 label_vs_plain d/a, label_vs_limit d/b) beside the raw figures, and prints them.
+--memory adds `pseudo_label_memory`: the peak resident memory of pseudo-labeling 50,000 and
+500,000 images (the CIFAR train JPEGs repeated, read from their files, each size in a fresh
+process) and the ratio of the two.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 
 from noisystudent.augment import ViewDataset, batch_train_view
 from noisystudent.config import TrainConfig
-from noisystudent.data import decode_to_array, scan_class_folders
+from noisystudent.data import ImageSet, decode_to_array, scan_class_folders
 from noisystudent.engine import autocast_dtype, train
 from noisystudent.labeling import label_shards
 from noisystudent.models import create_model
@@ -66,6 +71,45 @@ def synthetic(model, x, y, steps, train_mode, amp, channels_last) -> float:
     return steps * len(x) / (time.perf_counter() - t)
 
 
+def memory_probe(args) -> None:
+    """One pseudo-labeling pass over the CIFAR train JPEGs repeated to args.memory_probe images
+    (file-backed: decoded per batch, as for a set too large to cache), in this fresh process;
+    prints the peak resident memory."""
+    import resource
+
+    base = scan_class_folders(args.data, "unlabeled")
+    reps = -(-args.memory_probe // len(base))
+    idx = np.tile(np.arange(len(base)), reps)[: args.memory_probe]
+    images = ImageSet(classes=base.classes, uids=[f"{k}/{base.uids[i]}" for k, i in enumerate(idx)],
+                      labels=base.labels[idx], paths=[base.paths[i] for i in idx])  # fmt: skip
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    work = Path(tempfile.mkdtemp(prefix="ns-memory-"))
+    t = time.perf_counter()
+    label_shards(create_model(args.model, 10).eval(), images, args.size, work / "pseudo", 10, 10,
+                 1.0, {"bench": "1"}, 65536, 256, torch.device("cpu"))  # fmt: skip
+    wall = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    store = sum(f.stat().st_size for f in (work / "pseudo").rglob("*") if f.is_file())
+    print(json.dumps({"images": len(images), "peak_rss_mb": round(peak, 1),
+                      "rss_before_labeling_mb": round(rss0, 1), "wall_s": round(wall, 1),
+                      "images_per_s": round(len(images) / wall, 1), "store_mb": round(store / 2**20, 1)}))  # fmt: skip
+
+
+def memory(args) -> dict:
+    """Peak RSS of pseudo-labeling 50k and 500k images, each in a fresh process."""
+    out = {}
+    for n in (50_000, 500_000):
+        cmd = [sys.executable, __file__, "--memory-probe", str(n), "--model", args.model,
+               "--size", str(args.size), "--data", str(args.data)]  # fmt: skip
+        res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        out[str(n)] = json.loads(res.stdout.strip().splitlines()[-1])
+        print(json.dumps(out[str(n)]), flush=True)
+    out["peak_ratio_500k_vs_50k"] = round(
+        out["500000"]["peak_rss_mb"] / out["50000"]["peak_rss_mb"], 3
+    )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="cifar_resnet20")
@@ -75,7 +119,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--data", type=Path, default=CACHE / "train", help="CIFAR-10 class folders")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "throughput.json")
+    ap.add_argument("--memory", action="store_true", help="also pseudo-label 50k and 500k images")
+    ap.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_probe:
+        return memory_probe(args)
     if not args.data.is_dir():
         sys.exit(
             f"throughput: '{args.data}' not found; extract ../shared/data/cifar10-jpg.tar.gz there"
@@ -135,6 +183,8 @@ def main() -> None:
         },
         "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
     }  # fmt: skip
+    if args.memory:
+        out["pseudo_label_memory"] = memory(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))

@@ -153,16 +153,22 @@ def _main(argv: list[str] | None) -> int:
                 raise UserError(
                     f"no trained model in '{cfg.run_dir}'; run `noisystudent run` first"
                 )
+        from .engine import configure, resolve_device
+
+        print(configure(cfg.precision, cfg.compile, resolve_device(cfg.device)))
         run_robustness(cfg, its)
         return 0
 
     from . import distributed as dist
-    from .engine import resolve_device
+    from .engine import configure, resolve_device
 
     i = getattr(args, "iteration", 0)
     if not 0 <= i < len(cfg.models):
         raise UserError(f"--iteration {i} is outside models[0..{len(cfg.models) - 1}]")
     dist.init(resolve_device(cfg.device))  # joins torchrun's process group, if any
+    line = configure(cfg.precision, cfg.compile, resolve_device(cfg.device))
+    if dist.is_main():
+        print(line)
     try:
         _run_stage(args.cmd, cfg, i)
     finally:

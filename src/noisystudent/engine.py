@@ -57,17 +57,55 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass
+class Runtime:
+    """How this process computes (set once from the config by `configure`)."""
+
+    precision: str = "auto"  # "auto", "fp32", "bf16", "fp16"
+    compile: bool = False  # torch.compile the model for training and inference
+
+
+RUNTIME = Runtime()
+
+
+def native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cap = torch.backends.cpu.get_cpu_capability()
+    return cap in ("AVX512_BF16", "AMX") or "AMX" in cap
+
+
+def configure(precision: str, compile: bool, device: torch.device) -> str:
+    """Set this process's precision and compile switches; returns the line to log, e.g.
+    'precision: fp32 (this CPU has no native bf16: AVX2)'."""
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("precision=fp16 needs a CUDA device; use precision=bf16 or fp32 on CPU")
+    RUNTIME.precision, RUNTIME.compile = precision, compile
+    dt = autocast_dtype(device)
+    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt]
+    why = "forced" if precision != "auto" else "auto"
+    if precision == "auto" and dt is None and device.type == "cpu":
+        cap = torch.backends.cpu.get_cpu_capability()
+        why = f"auto: this CPU has no native bf16 ({cap}), where bf16 runs ~10x slower"
+    elif precision == "bf16" and not native_bf16(device):
+        why = "forced; this device has no native bf16, expect it to be slow"
+    return f"precision: {name} ({why}); channels_last; compile {'on' if compile else 'off'}"
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 where the hardware runs it natively, else None (fp32).
+    """The autocast dtype, None for fp32. `auto`: bf16 where the hardware runs it natively; fp16
+    (with a grad scaler) on CUDA GPUs without bf16; else fp32.
 
     On CPUs without AVX512-BF16/AMX, bf16 autocast is ~10x SLOWER than fp32 (measured on this
-    project's 2-core AVX2 dev machine: cifar_resnet20 training 472 -> 36 img/s), so it is used
-    only when the CPU reports native support.
+    project's 2-core AVX2 dev machine: cifar_resnet20 training 472 -> 36 img/s), so `auto` uses
+    it only when the CPU reports native support.
     """
+    p = RUNTIME.precision
+    if p != "auto":
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    cap = torch.backends.cpu.get_cpu_capability()
-    return torch.bfloat16 if cap in ("AVX512_BF16", "AMX") or "AMX" in cap else None
+        return torch.bfloat16 if native_bf16(device) else torch.float16
+    return torch.bfloat16 if native_bf16(device) else None
 
 
 def seed_everything(seed: int) -> None:
@@ -380,6 +418,8 @@ def train(
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    if RUNTIME.compile:  # state dicts stay those of the bare `model`
+        net = torch.compile(net)
     amp = autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     opt = build_optimizer(model, tc)
@@ -590,14 +630,28 @@ def predict(
     model.to(device).eval()
     model.to(memory_format=torch.channels_last)
     amp = autocast_dtype(device)
-    loader = _loader(_Items(ds), batch, False, 0, workers, drop_last=False)
-    for x, idx in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    net = torch.compile(model) if RUNTIME.compile else model
+    a = ds.images.array
+    if ds.transform is None and a is not None and a.shape[1] == ds.size == a.shape[2]:
+        # decoded uint8 cache: slices of the array, no per-image work
+        loader = (
+            (
+                torch.from_numpy(a[k : k + batch]).permute(0, 3, 1, 2),
+                torch.arange(k, min(k + batch, len(a))),
+            )
+            for k in range(0, len(a), batch)
+        )
+        n_batches = math.ceil(len(a) / batch)
+    else:
+        loader = _loader(_Items(ds), batch, False, 0, workers, drop_last=False)
+        n_batches = len(loader)
+    for x, idx in tqdm(loader, desc=desc, disable=not progress, leave=False, total=n_batches):
         x, idx = _drop_bad(x, idx, ds.images)
         if len(idx) == 0:
             continue
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(x)
+            logits = net(x)
         yield logits.float().cpu(), idx
 
 

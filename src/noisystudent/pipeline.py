@@ -14,7 +14,7 @@ import yaml
 
 from . import distributed as dist
 from .config import Config, config_differences
-from .engine import resolve_device
+from .engine import configure, resolve_device
 from .errors import UserError
 from .models import check_student_sizes
 from .rundir import RunDir, write_text
@@ -53,6 +53,9 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     Under torchrun (see distributed.py) every rank runs this: training and pseudo-labeling are
     shared by all ranks, everything else runs on rank 0 while the others wait at a barrier."""
     dist.init(resolve_device(cfg.device))
+    line = configure(cfg.precision, cfg.compile, resolve_device(cfg.device))
+    if dist.is_main():
+        print(line)
     try:
         return _run_pipeline(cfg)
     finally:

@@ -1,0 +1,57 @@
+"""bench/cifar10_ssl.py --quick end to end on a small CIFAR-like archive made here (the real
+archive is not needed): every row runs through the CLI and lands in the JSON and the table."""
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _archive(path: Path, per_class_train: int = 410, per_class_test: int = 20) -> None:
+    """cifar10/{train,test}/<class>/*.jpg with 10 classes of coloured 32-px squares."""
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz") as tf:
+        for split, n in (("train", per_class_train), ("test", per_class_test)):
+            for c in range(10):
+                for k in range(n):
+                    a = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
+                    a[8:24, 8:24, c % 3] += np.uint8(120 + 12 * c)
+                    buf = io.BytesIO()
+                    Image.fromarray(a).save(buf, "JPEG", quality=90)
+                    info = tarfile.TarInfo(f"cifar10/{split}/class{c}/{k:04d}.jpg")
+                    info.size = buf.tell()
+                    buf.seek(0)
+                    tf.addfile(info, buf)
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_every_row(tmp_path):
+    _archive(tmp_path / "tiny.tar.gz")
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(ROOT / "bench" / "cifar10_ssl.py"), "--quick", "--data",
+           str(tmp_path / "tiny.tar.gz"), "--cache", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+    for rows in ("main", "ablations"):  # the two commands; the second keeps the first's rows
+        subprocess.run([*cmd, "--rows", rows], check=True, cwd=tmp_path, timeout=1500)
+    res = json.loads((out / "cifar10_4k_quick.json").read_text())
+    names = [r["name"] for r in res["rows"]]
+    want = ["teacher", "supervised_control", "ns_iter1", "ns_iter2", "upper_bound"] + [
+        f"ablation_{a}" for a in ("no_noise", "hard_labels", "no_selection", "equal_size",
+                                  "init_from_teacher", "ratio1")
+    ]  # fmt: skip
+    assert sorted(names) == sorted(want) and len(names) == len(set(names))
+    for r in res["rows"]:
+        assert 0.0 <= r["test_top1"] <= 100.0 and r["wall_s"] >= 0
+    by = {r["name"]: r for r in res["rows"]}
+    assert by["ns_iter1"]["pseudo_label_acc"] is not None and by["teacher"]["kept_fraction"] is None
+    assert {"student_minus_teacher", "student_minus_control", "gap_closed"} <= set(res)
+    assert len(res["commands"]) == 2
+    table = (out / "cifar10_4k_quick.md").read_text()
+    assert all(f"| {n} |" in table for n in want)

@@ -1,0 +1,79 @@
+"""Precision and compile switches, and the batch fast paths for decoded uint8 caches."""
+
+import numpy as np
+import pytest
+import torch
+
+from noisystudent import engine
+from noisystudent.augment import ViewDataset
+from noisystudent.config import load_config
+from noisystudent.data import ImageSet
+from noisystudent.errors import UserError
+from noisystudent.models import create_model
+
+
+@pytest.fixture(autouse=True)
+def _reset_runtime():
+    yield
+    engine.RUNTIME.precision, engine.RUNTIME.compile = "auto", False
+
+
+def test_auto_precision_follows_native_bf16_and_says_why():
+    cpu = torch.device("cpu")
+    line = engine.configure("auto", False, cpu)
+    if engine.native_bf16(cpu):
+        assert engine.autocast_dtype(cpu) == torch.bfloat16 and "bf16" in line
+    else:  # the AVX2 dev machine: fp32, with the reason in the log line
+        assert engine.autocast_dtype(cpu) is None
+        assert line.startswith("precision: fp32 (auto: this CPU has no native bf16")
+
+
+def test_forced_precisions():
+    cpu = torch.device("cpu")
+    engine.configure("fp32", False, cpu)
+    assert engine.autocast_dtype(cpu) is None
+    engine.configure("bf16", False, cpu)
+    assert engine.autocast_dtype(cpu) == torch.bfloat16
+    with pytest.raises(UserError, match="precision=fp16 needs a CUDA device"):
+        engine.configure("fp16", False, cpu)
+
+
+def test_precision_is_a_checked_config_choice():
+    assert load_config(None, ["precision=fp32"]).precision == "fp32"
+    with pytest.raises(UserError, match="precision"):
+        load_config(None, ["precision=fp8"])
+    assert load_config(None, ["compile=true"]).compile is True
+
+
+def _cached_set(n=37, size=8):
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    return ImageSet(classes=["a"], uids=[f"u{i}" for i in range(n)],
+                    labels=np.zeros(n, dtype=np.int64), array=arr)  # fmt: skip
+
+
+def test_predict_fast_path_matches_per_image_loader():
+    torch.manual_seed(0)
+    m = create_model("cifar_resnet8", 10)
+    s = _cached_set()
+    fast = list(engine.predict(m, ViewDataset(s, 8), 16, torch.device("cpu")))
+    slow_ds = ViewDataset(
+        s, 8, transform=lambda im: torch.from_numpy(np.asarray(im).transpose(2, 0, 1).copy())
+    )
+    slow = list(engine.predict(m, slow_ds, 16, torch.device("cpu")))
+    assert [len(i) for _, i in fast] == [16, 16, 5]
+    assert torch.equal(torch.cat([i for _, i in fast]), torch.arange(37))
+    assert torch.allclose(
+        torch.cat([x for x, _ in fast]), torch.cat([x for x, _ in slow]), atol=1e-5
+    )
+
+
+@pytest.mark.slow
+def test_compiled_predict_matches_eager():
+    torch.manual_seed(0)
+    m = create_model("cifar_resnet8", 10)
+    ds = ViewDataset(_cached_set(), 8)
+    eager = torch.cat([x for x, _ in engine.predict(m, ds, 16, torch.device("cpu"))])
+    engine.configure("fp32", True, torch.device("cpu"))
+    comp = torch.cat([x for x, _ in engine.predict(m, ds, 16, torch.device("cpu"))])
+    assert torch.allclose(eager, comp, atol=1e-4)
