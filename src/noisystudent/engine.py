@@ -296,7 +296,8 @@ def _array_batches(ds: ViewDataset, plan: _BatchPlan) -> Iterator:
     arr = ds.images.array
     for batch in plan:
         idx = np.fromiter((i for i, _ in batch), dtype=np.int64, count=len(batch))
-        yield torch.from_numpy(arr[idx]).permute(0, 3, 1, 2), torch.from_numpy(idx)
+        x = torch.from_numpy(arr[idx]).permute(0, 3, 1, 2)
+        yield (x.pin_memory() if torch.cuda.is_available() else x), torch.from_numpy(idx)
 
 
 def _plan_loader(ds: ViewDataset, plan: _BatchPlan, workers: int) -> Iterator:
