@@ -71,24 +71,31 @@ def synthetic(model, x, y, steps, train_mode, amp, channels_last) -> float:
     return steps * len(x) / (time.perf_counter() - t)
 
 
+def _vm_hwm_mb() -> float:
+    """Peak resident memory of this process (VmHWM). Not ru_maxrss: Linux carries that over
+    from the parent across fork + exec, so a child would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def memory_probe(args) -> None:
     """One pseudo-labeling pass over the CIFAR train JPEGs repeated to args.memory_probe images
     (file-backed: decoded per batch, as for a set too large to cache), in this fresh process;
     prints the peak resident memory."""
-    import resource
-
     base = scan_class_folders(args.data, "unlabeled")
     reps = -(-args.memory_probe // len(base))
     idx = np.tile(np.arange(len(base)), reps)[: args.memory_probe]
     images = ImageSet(classes=base.classes, uids=[f"{k}/{base.uids[i]}" for k, i in enumerate(idx)],
                       labels=base.labels[idx], paths=[base.paths[i] for i in idx])  # fmt: skip
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss0 = _vm_hwm_mb()
     work = Path(tempfile.mkdtemp(prefix="ns-memory-"))
     t = time.perf_counter()
     label_shards(create_model(args.model, 10).eval(), images, args.size, work / "pseudo", 10, 10,
                  1.0, {"bench": "1"}, 65536, 256, torch.device("cpu"))  # fmt: skip
     wall = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _vm_hwm_mb()
     store = sum(f.stat().st_size for f in (work / "pseudo").rglob("*") if f.is_file())
     print(json.dumps({"images": len(images), "peak_rss_mb": round(peak, 1),
                       "rss_before_labeling_mb": round(rss0, 1), "wall_s": round(wall, 1),
