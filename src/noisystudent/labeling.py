@@ -23,7 +23,14 @@ from .augment import ViewDataset
 from .data import ImageSet
 from .engine import predict
 from .errors import UserError
-from .store import shard_metadata, shard_name, shard_ranges, top_k, write_shard
+from .store import (
+    _release_free_memory,
+    shard_metadata,
+    shard_name,
+    shard_ranges,
+    top_k,
+    write_shard,
+)
 
 
 def data_fingerprint(images: ImageSet) -> str:
@@ -106,6 +113,8 @@ def label_shards(
         uids = [sub.uids[t] for t in r.tolist()]
         write_shard(root, j, a, p, i, uids, num_classes, {**identity, "rows_in_range": str(b - a)})
         written.append(j)
+        del sub, ps, ix, rows, p, i, uids
+        _release_free_memory()  # glibc keeps freed decode buffers otherwise (see store.py)
     return written
 
 
