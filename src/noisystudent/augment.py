@@ -61,9 +61,17 @@ class ViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def raw_array(self) -> np.ndarray | None:
+        """The decoded uint8 (N, size, size, 3) cache when this view is exactly its images
+        (no transform, same size), so batches can be sliced from it; else None."""
+        a = self.images.array
+        if self.transform is None and a is not None and a.shape[1] == self.size == a.shape[2]:
+            return a
+        return None
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         s = self.images
-        if self.transform is None and s.array is not None and s.array.shape[1] == self.size:
+        if self.raw_array() is not None:
             return torch.from_numpy(np.ascontiguousarray(s.array[i].transpose(2, 0, 1))), i
         img = s.image(i)
         if s.array is None and self.transform is None:

@@ -212,18 +212,18 @@ def randaugment_ops(x: torch.Tensor, n: int, m: float, g: torch.Generator) -> to
     """N layers of the reference RandAugment on a float batch; one op per image per layer."""
     b, _, h, w = x.shape
     args = op_args(m, h, w)
+    geo_of_op = torch.full((len(OPS),), -1, dtype=torch.long)  # op index -> GEOMETRIC index
+    geo_of_op[[OPS.index(k) for k in GEOMETRIC]] = torch.arange(len(GEOMETRIC))
+    geo_arg = torch.tensor([args[k] for k in GEOMETRIC])
     for _ in range(n):
         op = torch.randint(0, len(OPS), (b,), generator=g)
         sign = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
-        geo_idx = [OPS.index(k) for k in GEOMETRIC]
-        is_geo = torch.isin(op, torch.tensor(geo_idx))
-        if bool(is_geo.any()):
-            sel = is_geo.nonzero().squeeze(1)
-            gop = torch.tensor([geo_idx.index(int(o)) for o in op[sel]], dtype=torch.long)
-            garg = torch.tensor([args[GEOMETRIC[int(k)]] for k in gop]) * sign[sel]
-            mats = _geometric_matrices(gop, garg, h, w).to(x.device, x.dtype)
+        gop = geo_of_op[op]
+        sel = (gop >= 0).nonzero().squeeze(1)
+        if len(sel):
+            mats = _geometric_matrices(gop[sel], geo_arg[gop[sel]] * sign[sel], h, w)
             sel_d = sel.to(x.device)
-            x[sel_d] = _affine(x[sel_d], mats)
+            x[sel_d] = _affine(x[sel_d], mats.to(x.device, x.dtype))
         for name, fn in _COLOR_OPS.items():
             sel = (op == OPS.index(name)).nonzero().squeeze(1)
             if len(sel):

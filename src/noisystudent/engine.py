@@ -293,7 +293,7 @@ def _loader(ds, batch: int, shuffle: bool, seed: int, workers: int, drop_last: b
 def _array_batches(ds: ViewDataset, plan: _BatchPlan) -> Iterator:
     """Batches straight from a decoded uint8 cache (no per-image transform): one fancy index
     per batch; the NHWC array viewed as NCHW is already channels_last."""
-    arr = ds.images.array
+    arr = ds.raw_array()
     for batch in plan:
         idx = np.fromiter((i for i, _ in batch), dtype=np.int64, count=len(batch))
         x = torch.from_numpy(arr[idx]).permute(0, 3, 1, 2)
@@ -301,8 +301,7 @@ def _array_batches(ds: ViewDataset, plan: _BatchPlan) -> Iterator:
 
 
 def _plan_loader(ds: ViewDataset, plan: _BatchPlan, workers: int) -> Iterator:
-    a = ds.images.array
-    if ds.transform is None and a is not None and a.shape[1] == ds.size == a.shape[2]:
+    if ds.raw_array() is not None:
         return _array_batches(ds, plan)
     return iter(
         DataLoader(
@@ -632,8 +631,8 @@ def predict(
     model.to(memory_format=torch.channels_last)
     amp = autocast_dtype(device)
     net = torch.compile(model) if RUNTIME.compile else model
-    a = ds.images.array
-    if ds.transform is None and a is not None and a.shape[1] == ds.size == a.shape[2]:
+    a = ds.raw_array()
+    if a is not None:
         # decoded uint8 cache: slices of the array, no per-image work
         loader = (
             (
