@@ -28,6 +28,18 @@ def test_auto_precision_follows_native_bf16_and_says_why():
         assert line.startswith("precision: fp32 (auto: this CPU has no native bf16")
 
 
+def test_native_bf16_reads_the_cpu_flags(tmp_path):
+    cpu = torch.device("cpu")
+    # torch says "AVX512" on AMX CPUs, so the kernel's flags decide
+    assert engine.native_bf16(cpu, {"avx512f", "amx_tile", "amx_bf16"})
+    assert engine.native_bf16(cpu, {"avx512f", "avx512_bf16"})
+    assert not engine.native_bf16(cpu, {"avx2", "fma", "avx512f"})
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n")
+    assert engine.cpu_flags(str(info)) == {"fpu", "avx2", "amx_bf16", "amx_tile"}
+    assert engine.cpu_flags(str(tmp_path / "missing")) == set()
+
+
 def test_forced_precisions():
     cpu = torch.device("cpu")
     engine.configure("fp32", False, cpu)
@@ -73,6 +85,7 @@ def test_compiled_predict_matches_eager():
     torch.manual_seed(0)
     m = create_model("cifar_resnet8", 10)
     ds = ViewDataset(_cached_set(), 8)
+    engine.configure("fp32", False, torch.device("cpu"))  # auto may pick bf16 on this CPU
     eager = torch.cat([x for x, _ in engine.predict(m, ds, 16, torch.device("cpu"))])
     engine.configure("fp32", True, torch.device("cpu"))
     comp = torch.cat([x for x, _ in engine.predict(m, ds, 16, torch.device("cpu"))])

@@ -68,11 +68,29 @@ class Runtime:
 RUNTIME = Runtime()
 
 
-def native_bf16(device: torch.device) -> bool:
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU feature flags the kernel reports (Linux); empty where there is no such file."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device: torch.device, flags: set[str] | None = None) -> bool:
+    """Whether the device runs bf16 matrix work natively. On CPUs: AMX-BF16 or AVX512-BF16.
+    torch's `get_cpu_capability()` says only "AVX512" on an AMX CPU (Sapphire Rapids), so the
+    kernel's flags decide; the capability string is the fallback off Linux."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    flags = cpu_flags() if flags is None else flags
+    if flags:
+        return bool({"amx_bf16", "avx512_bf16"} & flags)
     cap = torch.backends.cpu.get_cpu_capability()
-    return cap in ("AVX512_BF16", "AMX") or "AMX" in cap
+    return "AMX" in cap or "BF16" in cap
 
 
 def configure(precision: str, compile: bool, device: torch.device) -> str:
@@ -84,7 +102,9 @@ def configure(precision: str, compile: bool, device: torch.device) -> str:
     dt = autocast_dtype(device)
     name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt]
     why = "forced" if precision != "auto" else "auto"
-    if precision == "auto" and dt is None and device.type == "cpu":
+    if precision == "auto" and dt == torch.bfloat16 and device.type == "cpu":
+        why = "auto: this CPU has native bf16 (AMX/AVX512-BF16)"
+    elif precision == "auto" and dt is None and device.type == "cpu":
         cap = torch.backends.cpu.get_cpu_capability()
         why = f"auto: this CPU has no native bf16 ({cap}), where bf16 runs ~10x slower"
     elif precision == "bf16" and not native_bf16(device):
@@ -96,9 +116,10 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype, None for fp32. `auto`: bf16 where the hardware runs it natively; fp16
     (with a grad scaler) on CUDA GPUs without bf16; else fp32.
 
-    On CPUs without AVX512-BF16/AMX, bf16 autocast is ~10x SLOWER than fp32 (measured on this
-    project's 2-core AVX2 dev machine: cifar_resnet20 training 472 -> 36 img/s), so `auto` uses
-    it only when the CPU reports native support.
+    On CPUs without AVX512-BF16/AMX, bf16 autocast is ~10x SLOWER than fp32 (measured on a
+    2-core AVX2 machine: cifar_resnet20 training 472 -> 36 img/s), so `auto` uses it only when
+    the CPU reports native support. With AMX (2-core Sapphire Rapids, channels_last, batch 256)
+    it is 2.1x faster for cifar_resnet20 training and 2.5x for inference.
     """
     p = RUNTIME.precision
     if p != "auto":
