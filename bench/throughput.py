@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from noisystudent.augment import ViewDataset, batch_train_view
 from noisystudent.config import TrainConfig
 from noisystudent.data import ImageSet, decode_to_array, scan_class_folders
-from noisystudent.engine import autocast_dtype, train
+from noisystudent.engine import autocast_dtype, configure, train
 from noisystudent.labeling import label_shards
 from noisystudent.models import create_model
 from noisystudent.rundir import RunDir
@@ -124,6 +124,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="labeled batch; unlabeled = 3x")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--label-images", type=int, default=46_000,
+                    help="images pseudo-labeled in (d); CIFAR-10-4k's unlabeled set by default")
+    ap.add_argument("--compiled-steps", type=int, default=120,
+                    help="steps of the compiled student run (0: skip it)")
     ap.add_argument("--data", type=Path, default=CACHE / "train", help="CIFAR-10 class folders")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "throughput.json")
     ap.add_argument("--memory", action="store_true", help="also pseudo-label 50k and 500k images")
@@ -144,15 +148,29 @@ def main() -> None:
     new = lambda: create_model(args.model, 10, 0.3, 0.2)  # noqa: E731
 
     images = scan_class_folders(args.data, "labeled")
-    pick = np.random.default_rng(0).choice(len(images), n_train * args.steps + 4000, replace=False)
+    n_need = max(n_train * args.compiled_steps + 4000, args.label_images)
+    pick = np.random.default_rng(0).permutation(len(images))[:n_need]
     work = Path(tempfile.mkdtemp(prefix="ns-throughput-"))
     images = decode_to_array(images.subset(pick), args.size, work / "cache", "bench", False)
     n_l = 4000
-    lab, unl = images.subset(np.arange(n_l)), images.subset(np.arange(n_l, len(images)))
+    lab = images.subset(np.arange(n_l))
+    unl = images.subset(np.arange(n_l, n_l + n_train * args.steps))
+    unl_long = images.subset(np.arange(n_l, n_l + n_train * args.compiled_steps))
+    to_label = images.subset(np.arange(min(args.label_images, len(images))))
     per_image, batch_aug = batch_train_view(args.size, True, True, "rand-m9-n2")  # as train_stage
     tc = TrainConfig(epochs=1, batch_size=args.batch, ratio=3, randaugment="rand-m9-n2",
                      drop_rate=0.3, drop_path_rate=0.2, checkpoint_every_steps=0)  # fmt: skip
-    targets = torch.softmax(torch.randn(len(unl), 10), 1)
+    cpu = torch.device("cpu")
+
+    def student(run: RunDir, u: ImageSet, log_every: int) -> tuple[float, int]:
+        """The real student loop (engine.train) for one epoch over `u`; (seconds, steps)."""
+        targets = torch.softmax(torch.randn(len(u), 10), 1)
+        t = time.perf_counter()
+        out = train(new(), ViewDataset(lab, args.size, per_image), torch.from_numpy(lab.labels),
+                    tc, run.root / "train", run, "bench", 0, cpu,
+                    unlabeled=ViewDataset(u, args.size, per_image), targets=targets,
+                    progress=False, batch_aug=batch_aug, log_every=log_every)  # fmt: skip
+        return time.perf_counter() - t, out.steps
 
     res: dict[str, list[float]] = {
         k: [] for k in ("a_train", "b_train", "c_train", "a_infer", "b_infer", "d_label")
@@ -162,26 +180,40 @@ def main() -> None:
         res["b_train"].append(synthetic(new(), x, y, args.steps, True, amp, True))
         res["a_infer"].append(synthetic(new().eval(), xi, None, args.steps, False, None, False))
         res["b_infer"].append(synthetic(new().eval(), xi, None, args.steps, False, amp, True))
-        # (c) one epoch of the real student loop: len(unl) // (3 * batch) = `steps` steps
-        run = RunDir(work / f"run{r}")
+        # (c) one epoch of the real student loop: len(unl) // (3 * batch) = `steps` steps; a run
+        # this short is not compiled under `compile: auto` (engine.COMPILE_TRAIN_MIN_STEPS)
+        sec, steps = student(RunDir(work / f"run{r}"), unl, 50)
+        res["c_train"].append(steps * n_train / sec)
+        # (d) real pseudo-labeling of --label-images images into store shards, with the
+        # default `compile: auto` (compiled and frozen from 40,000 images, compile time included)
         t = time.perf_counter()
-        out = train(new(), ViewDataset(lab, args.size, per_image), torch.from_numpy(lab.labels),
-                    tc, run.root / "train", run, "bench", 0, torch.device("cpu"),
-                    unlabeled=ViewDataset(unl, args.size, per_image), targets=targets,
-                    progress=False, batch_aug=batch_aug)  # fmt: skip
-        res["c_train"].append(out.steps * n_train / (time.perf_counter() - t))
-        # (d) real pseudo-labeling of all images into store shards
-        t = time.perf_counter()
-        label_shards(new(), images, args.size, run.root / "pseudo", 10, 10, 1.0, {"bench": "1"},
-                     65536, 256, torch.device("cpu"))  # fmt: skip
-        res["d_label"].append(len(images) / (time.perf_counter() - t))
+        label_shards(new(), to_label, args.size, work / f"pseudo{r}", 10, 10, 1.0, {"bench": "1"},
+                     65536, 256, cpu)  # fmt: skip
+        res["d_label"].append(len(to_label) / (time.perf_counter() - t))
         print(json.dumps({k: round(v[-1], 1) for k, v in res.items()}), flush=True)
+
+    # (c, long run) the student loop with torch.compile, as `compile: auto` does for runs of
+    # >= COMPILE_TRAIN_MIN_STEPS steps: steady-state images/s from the loop's own log lines
+    # (every 10 steps, after the first, which includes compiling), and the compile time
+    compiled = {}
+    if args.compiled_steps:
+        configure("auto", "on", cpu)
+        run = RunDir(work / "run_compiled")
+        sec, steps = student(run, unl_long, 10)
+        ev = [e for e in run.metrics() if e.get("event") == "train"]
+        rate = (ev[-1]["step"] - ev[0]["step"]) * n_train / (ev[-1]["time"] - ev[0]["time"])
+        compiled = {"c_train_compiled": round(rate, 1), "steps": steps,
+                    "compile_and_first_10_steps_s": round(sec - (steps - 10) * n_train / rate, 1),
+                    "wall_s": round(sec, 1)}  # fmt: skip
+        configure("auto", "auto", cpu)
+        print(json.dumps(compiled), flush=True)
 
     med = {k: round(statistics.median(v), 1) for k, v in res.items()}
     out = {
         "model": args.model, "size": args.size, "batch_labeled": args.batch, "ratio": 3,
         "precision": str(amp or torch.float32), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(), "images_per_s": med, "reps": args.reps,
+        "label_images": len(to_label), "compiled_training": compiled,
         "ratios": {
             "train_vs_plain": round(med["c_train"] / med["a_train"], 3),
             "train_vs_limit": round(med["c_train"] / med["b_train"], 3),
@@ -190,6 +222,9 @@ def main() -> None:
         },
         "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
     }  # fmt: skip
+    if compiled:  # long runs (compile: auto compiles them): the same ratios, steady state
+        out["ratios"]["train_compiled_vs_plain"] = round(compiled["c_train_compiled"] / med["a_train"], 3)
+        out["ratios"]["train_compiled_vs_limit"] = round(compiled["c_train_compiled"] / med["b_train"], 3)
     if args.memory:
         out["pseudo_label_memory"] = memory(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)

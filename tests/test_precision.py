@@ -15,7 +15,7 @@ from noisystudent.models import create_model
 @pytest.fixture(autouse=True)
 def _reset_runtime():
     yield
-    engine.RUNTIME.precision, engine.RUNTIME.compile = "auto", False
+    engine.RUNTIME.precision, engine.RUNTIME.compile = "auto", "auto"
 
 
 def test_auto_precision_follows_native_bf16_and_says_why():
@@ -54,7 +54,11 @@ def test_precision_is_a_checked_config_choice():
     assert load_config(None, ["precision=fp32"]).precision == "fp32"
     with pytest.raises(UserError, match="precision"):
         load_config(None, ["precision=fp8"])
-    assert load_config(None, ["compile=true"]).compile is True
+    assert load_config(None, ["compile=true"]).compile == "on"
+    assert load_config(None, ["compile=false"]).compile == "off"
+    assert load_config(None, []).compile == "auto"
+    with pytest.raises(UserError, match="compile"):
+        load_config(None, ["compile=sometimes"])
 
 
 def _cached_set(n=37, size=8):
@@ -90,3 +94,44 @@ def test_compiled_predict_matches_eager():
     engine.configure("fp32", True, torch.device("cpu"))
     comp = torch.cat([x for x, _ in engine.predict(m, ds, 16, torch.device("cpu"))])
     assert torch.allclose(eager, comp, atol=1e-4)
+
+
+def test_compile_auto_thresholds():
+    cpu = torch.device("cpu")
+    engine.configure("auto", "auto", cpu)
+    assert not engine.compile_inference(cpu, engine.COMPILE_INFER_MIN_IMAGES - 1)
+    assert engine.compile_inference(cpu, engine.COMPILE_INFER_MIN_IMAGES)
+    assert not engine.compile_training(cpu, engine.COMPILE_TRAIN_MIN_STEPS - 1)
+    assert engine.compile_training(cpu, engine.COMPILE_TRAIN_MIN_STEPS)
+    engine.configure("auto", "off", cpu)
+    assert not engine.compile_inference(cpu, 10**9) and not engine.compile_training(cpu, 10**9)
+    engine.configure("auto", True, cpu)
+    assert engine.compile_inference(cpu, 1) and engine.compile_training(cpu, 1)
+
+
+@pytest.mark.slow
+def test_frozen_bf16_predict_matches_eager_and_follows_weight_changes():
+    """The frozen compiled copy (bf16 weights, BN folded) agrees with eager bf16 autocast, pads
+    the short last batch, and is rebuilt when the model's weights change."""
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    m = create_model("cifar_resnet8", 10)
+    ds = ViewDataset(_cached_set(), 8)
+
+    def logits():
+        out = list(engine.predict(m, ds, 16, cpu))
+        assert [len(i) for _, i in out] == [16, 16, 5]
+        return torch.cat([x for x, _ in out])
+
+    engine.configure("bf16", "off", cpu)
+    eager = logits()
+    engine.configure("bf16", "on", cpu)
+    comp = logits()
+    assert (eager.argmax(1) == comp.argmax(1)).float().mean() >= 0.9
+    assert torch.allclose(eager, comp, atol=0.1 * eager.abs().max().item())
+    with torch.no_grad():
+        m.net.fc.weight.mul_(-1.0)  # in place: the cached frozen copy is stale now
+    flipped = logits()
+    engine.configure("bf16", "off", cpu)
+    assert torch.allclose(flipped, logits(), atol=0.1 * eager.abs().max().item())
+    assert not torch.allclose(flipped, comp, atol=0.1 * eager.abs().max().item())

@@ -163,9 +163,11 @@ class Config:
     # "auto": bf16 autocast where the CPU/GPU runs it natively, fp16 + grad scaler on CUDA GPUs
     # without bf16, else fp32; "fp32" forces full precision; "bf16"/"fp16" force those
     precision: str = "auto"
-    # torch.compile the model (training and inference); off by default: on the 2-core CPU it
-    # measured ~1.1x faster training after ~27 s of compiling, a loss for runs under ~5 minutes
-    compile: bool = False
+    # torch.compile: "auto" compiles only where it was measured to pay for its compile time on
+    # CPU (training runs of >= 2,000 steps, inference over >= 40,000 images; engine.py has the
+    # figures); "on" always (training and inference, CPU and CUDA); "off" never. true/false are
+    # read as on/off.
+    compile: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,7 +203,10 @@ CHOICES = {
     "select.mode": ("simple", "reference"),
     "robustness.table": ("auto", "cifar32", "tiny64", "imagenet224"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
+    "compile": ("auto", "on", "off"),
 }
+# YAML booleans accepted for these string keys (compile: true -> "on")
+_BOOL_WORDS = {"compile": ("off", "on")}
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -263,6 +268,8 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
         if _is_dataclass_type(tp):
             _apply(getattr(obj, name), value, key + ".")
             continue
+        if key in _BOOL_WORDS and isinstance(value, bool):
+            value = _BOOL_WORDS[key][value]
         value = _coerce(value, tp, key)
         if key in CHOICES and value not in CHOICES[key]:
             raise UserError(f"config key '{key}' must be one of {CHOICES[key]}, got {value!r}")

@@ -202,8 +202,8 @@ class Classifier(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255.0)
+        if x.dtype == torch.uint8:  # float32, or the model's own dtype for a bf16 copy
+            x = x.to(self.mean.dtype).div_(255.0)
         return self.net((x - self.mean) / self.std)
 
 
