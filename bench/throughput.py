@@ -124,10 +124,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="labeled batch; unlabeled = 3x")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--label-images", type=int, default=46_000,
-                    help="images pseudo-labeled in (d); CIFAR-10-4k's unlabeled set by default")
-    ap.add_argument("--compiled-steps", type=int, default=120,
-                    help="steps of the compiled student run (0: skip it)")
+    ap.add_argument(
+        "--label-images",
+        type=int,
+        default=46_000,
+        help="images pseudo-labeled in (d); CIFAR-10-4k's unlabeled set by default",
+    )
+    ap.add_argument(
+        "--compiled-steps",
+        type=int,
+        default=120,
+        help="steps of the compiled student run (0: skip it)",
+    )
     ap.add_argument("--data", type=Path, default=CACHE / "train", help="CIFAR-10 class folders")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "throughput.json")
     ap.add_argument("--memory", action="store_true", help="also pseudo-label 50k and 500k images")
@@ -223,8 +231,12 @@ def main() -> None:
         "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
     }  # fmt: skip
     if compiled:  # long runs (compile: auto compiles them): the same ratios, steady state
-        out["ratios"]["train_compiled_vs_plain"] = round(compiled["c_train_compiled"] / med["a_train"], 3)
-        out["ratios"]["train_compiled_vs_limit"] = round(compiled["c_train_compiled"] / med["b_train"], 3)
+        out["ratios"]["train_compiled_vs_plain"] = round(
+            compiled["c_train_compiled"] / med["a_train"], 3
+        )
+        out["ratios"]["train_compiled_vs_limit"] = round(
+            compiled["c_train_compiled"] / med["b_train"], 3
+        )
     if args.memory:
         out["pseudo_label_memory"] = memory(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
