@@ -148,6 +148,13 @@ def supervised_like_student(
                        "teacher": {**teacher, "epochs": epochs, "warmup_epochs": warmup}})  # fmt: skip
 
 
+def ratio_epochs(s: dict, ratio: int) -> int:
+    """Epochs at `ratio` that train on as many images as s["epochs"] at s["ratio"] (an epoch is
+    one pass over the unlabeled set: N_u (1 + ratio) / ratio images)."""
+    per = lambda r: (1 + r) / r  # noqa: E731
+    return max(1, round(s["epochs"] * per(s["ratio"]) / per(ratio)))
+
+
 def reuse_teacher(src: Path, dst: Path, keep_select: bool = True) -> None:
     """Start an ablation from the main run's iteration-0 teacher, pseudo labels and selection."""
     if (dst / "run" / "manifest.json").is_file():
@@ -226,7 +233,8 @@ def main() -> None:
             "no_selection": (merge(one, {"select": {"threshold": 0.0, "balance": False}}), False),
             "equal_size": same,
             "init_from_teacher": merge(same, {"student": {"init": "teacher"}}),
-            "ratio1": merge(one, {"student": {"ratio": 1}}),
+            # the same images per row: an epoch of ratio r holds N_u (1 + r) / r images
+            "ratio1": merge(one, {"student": {"ratio": 1, "epochs": ratio_epochs(cfg["student"], 1)}}),
         }  # fmt: skip
         for what, spec in ablations.items():
             c, keep = spec if isinstance(spec, tuple) else (spec, True)

@@ -1,7 +1,7 @@
 """Training and pseudo-labeling throughput against a plain PyTorch loop and the bare model.
 
     python bench/throughput.py [--model cifar_resnet20] [--size 32] [--reps 3] [--steps 20]
-                               [--memory]
+                               [--label-images 46000] [--compiled-steps 120] [--memory]
 
 Measured side by side in one process (median of --reps):
   (a) plain loop: the same model, synthetic tensors in memory, fp32, eager, channels-first;
@@ -9,8 +9,14 @@ Measured side by side in one process (median of --reps):
       format (engine.autocast_dtype: bf16 only where the CPU/GPU runs it natively; channels_last);
   (c) the project's real student training (engine.train) on CIFAR-10 JPEGs decoded through the
       project's data code, RandAugment, the labeled + unlabeled (ratio 3) mix and logging;
+      A run this short is not compiled under the default `compile: auto`; a long run is, so
+      the same loop is also run with torch.compile for --compiled-steps steps and its
+      steady-state images/s (from the loop's own log lines) reported as `c_train_compiled`
+      with the ratios `train_compiled_vs_plain` and `train_compiled_vs_limit`;
   (d) the project's real pseudo-labeling (labeling.label_shards: teacher inference + store
-      shards written), against (a) and (b) in inference mode.
+      shards written) of --label-images images (CIFAR-10-4k's 46,000 unlabeled by default,
+      which `compile: auto` labels through the frozen compiled copy, compile time included),
+      against (a) and (b) in inference mode.
 Images/s count every image through the model (labeled + unlabeled for training). Writes
 bench/results/throughput.json with `ratios` (train_vs_plain c/a, train_vs_limit c/b,
 label_vs_plain d/a, label_vs_limit d/b) beside the raw figures, and prints them.
@@ -134,7 +140,7 @@ def main() -> None:
         "--compiled-steps",
         type=int,
         default=120,
-        help="steps of the compiled student run (0: skip it)",
+        help="steps of the compiled student run (under 20: skip it)",
     )
     ap.add_argument("--data", type=Path, default=CACHE / "train", help="CIFAR-10 class folders")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "throughput.json")
@@ -156,7 +162,7 @@ def main() -> None:
     new = lambda: create_model(args.model, 10, 0.3, 0.2)  # noqa: E731
 
     images = scan_class_folders(args.data, "labeled")
-    n_need = max(n_train * args.compiled_steps + 4000, args.label_images)
+    n_need = max(n_train * max(args.steps, args.compiled_steps) + 4000, args.label_images)
     pick = np.random.default_rng(0).permutation(len(images))[:n_need]
     work = Path(tempfile.mkdtemp(prefix="ns-throughput-"))
     images = decode_to_array(images.subset(pick), args.size, work / "cache", "bench", False)
@@ -204,7 +210,7 @@ def main() -> None:
     # >= COMPILE_TRAIN_MIN_STEPS steps: steady-state images/s from the loop's own log lines
     # (every 10 steps, after the first, which includes compiling), and the compile time
     compiled = {}
-    if args.compiled_steps:
+    if args.compiled_steps >= 20:  # at least two log lines (every 10 steps)
         configure("auto", "on", cpu)
         run = RunDir(work / "run_compiled")
         sec, steps = student(run, unl_long, 10)

@@ -491,9 +491,6 @@ def train(
     total = tc.epochs * steps_per_epoch
     warmup = int(tc.warmup_epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
-    if compile_training(device, total):  # state dicts stay those of the bare `model`
-        _quiet_inductor()
-        net = torch.compile(net)
     n_u = len(unlabeled) if unlabeled is not None else 0
     ident = _identity(tc, seed, tag, steps_per_epoch, len(labeled), n_u, identity)
     extra_state = dict(extra_state or {})
@@ -528,6 +525,9 @@ def train(
         targets = targets.to(device)
     t0 = time.time()
     step = start_epoch * steps_per_epoch + start_i
+    if compile_training(device, total - step):  # the steps left; state dicts stay `model`'s
+        _quiet_inductor()
+        net = torch.compile(net)
     # first non-finite loss: its step and value, kept on the device (no per-step host sync)
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     bad_loss = torch.zeros((), device=device)
@@ -679,15 +679,21 @@ def predict(
     workers: int = 0,
     progress: bool = False,
     desc: str = "predict",
+    job_images: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Eval mode (no dropout, no stochastic depth, BN in inference mode) on the clean view.
     Yields (logits (n, C) float32 on CPU, dataset indices (n,)) batch by batch. Unreadable files
-    are left out of their batch when ds.images.bad_log skips them, else an error names the file."""
+    are left out of their batch when ds.images.bad_log skips them, else an error names the file.
+    job_images: the images of the whole job this call is part of (e.g. every shard of a
+    pseudo-labeling pass), for the `compile: auto` decision; default len(ds). A compiled copy
+    already made for these exact weights is reused whatever the size, so one job's calls all
+    take the same numeric path."""
     model.to(device).eval()
     model.to(memory_format=torch.channels_last)
     amp = autocast_dtype(device)
     net, in_dtype = model, None
-    if compile_inference(device, len(ds)):
+    n_job = len(ds) if job_images is None else job_images
+    if compile_inference(device, n_job) or _has_inference_net(model, device, amp):
         net, in_dtype = inference_net(model, device, amp)
         amp = None if in_dtype is not None else amp
     a = ds.raw_array()
@@ -745,6 +751,11 @@ class _Frozen:
 
         with inductor_config.patch(freezing=True):
             return self.compiled(x)
+
+
+def _has_inference_net(model: nn.Module, device: torch.device, amp: torch.dtype | None) -> bool:
+    hit = _INFERENCE_NETS.get(model)
+    return hit is not None and hit[0] == _weights_key(model, device, amp)
 
 
 def inference_net(

@@ -101,6 +101,7 @@ def label_shards(
             workers,
             progress,
             f"pseudo-label shard {j + 1}/{len(ranges)}",
+            job_images=len(images) // world,  # compile: auto decides once for this rank's work
         ):
             p, i = top_k(torch.softmax(logits / temperature, dim=1), k)
             ps.append(p)
