@@ -192,56 +192,10 @@ def targets(rows: list[dict]) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", choices=["main", "ablations", "all"], default="main")
-    ap.add_argument("--quick", action="store_true", help="a few-minute smoke run")
-    ap.add_argument("--data", type=Path, default=DEFAULT_TAR)
-    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    args = ap.parse_args()
-    paths = prepare(args.data, args.cache, args.quick)
-    work = args.cache / ("runs-quick" if args.quick else "runs")
-    cfg = merge(BASE, {"data": {k: str(paths[k]) for k in ("labeled", "unlabeled", "test")}})
-    cfg["data"]["cache_dir"] = str(args.cache / "decoded")  # one uint8 decode cache for all rows
-    if args.quick:
-        cfg = merge(cfg, QUICK)
-    rows, t_all = [], time.time()
-
-    ns, wall = run("ns", merge(cfg, {"models": MODELS}), work)
-    ns_dir = work / "ns" / "run"
-    for it, name in zip(ns["iterations"], ["teacher", "ns_iter1", "ns_iter2"], strict=False):
-        rows.append(row(name, it, wall))
-    if args.rows in ("main", "all"):
-        steps = student_steps(ns_dir, cfg, len(MODELS) - 1)
-        ctrl, w = run(
-            "supervised_control",
-            supervised_like_student(cfg, MODELS[-1], paths["labeled"], 4000, steps),
-            work,
-        )
-        rows.append(row("supervised_control", ctrl["iterations"][0], w))
-        n_all = 50000 if not args.quick else 4000
-        up_cfg = supervised_like_student(cfg, MODELS[-1], paths["all"], n_all, steps)
-        up, w = run("upper_bound", up_cfg, work)
-        rows.append(row("upper_bound", up["iterations"][0], w))
-    if args.rows in ("ablations", "all"):
-        one = merge(cfg, {"models": MODELS[:2]})
-        same = merge(cfg, {"models": [MODELS[0], MODELS[0]]})
-        ablations = {
-            "no_noise": merge(one, {"student": {"randaugment": None, "drop_rate": 0.0, "drop_path_rate": 0.0}}),
-            "hard_labels": merge(one, {"pseudo": {"mode": "hard"}}),
-            "no_selection": (merge(one, {"select": {"threshold": 0.0, "balance": False}}), False),
-            "equal_size": same,
-            "init_from_teacher": merge(same, {"student": {"init": "teacher"}}),
-            # the same images per row: an epoch of ratio r holds N_u (1 + r) / r images
-            "ratio1": merge(one, {"student": {"ratio": 1, "epochs": ratio_epochs(cfg["student"], 1)}}),
-        }  # fmt: skip
-        for what, spec in ablations.items():
-            c, keep = spec if isinstance(spec, tuple) else (spec, True)
-            reuse_teacher(ns_dir, work / f"ablation_{what}", keep_select=keep)
-            s, w = run(f"ablation_{what}", c, work)
-            rows.append(row(f"ablation_{what}", s["iterations"][-1], w))
-
+def write(rows: list[dict], args: argparse.Namespace, t_all: float) -> None:
+    """Write the JSON and markdown table (after every row, so a stopped command keeps what it
+    measured), merged with the rows of the other command (`--rows main` / `--rows ablations`)."""
+    rows = list(rows)
     result = {"protocol": "CIFAR-10, 400 labels/class (seed 0), 46k unlabeled, 10k test",
               "quick": args.quick, "rows": rows, "total_wall_s": round(time.time() - t_all, 1),
               "command": "python bench/cifar10_ssl.py " + " ".join(sys.argv[1:])}  # fmt: skip
@@ -271,6 +225,61 @@ def main() -> None:
     (args.out / f"{name}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", choices=["main", "ablations", "all"], default="main")
+    ap.add_argument("--quick", action="store_true", help="a few-minute smoke run")
+    ap.add_argument("--data", type=Path, default=DEFAULT_TAR)
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+    paths = prepare(args.data, args.cache, args.quick)
+    work = args.cache / ("runs-quick" if args.quick else "runs")
+    cfg = merge(BASE, {"data": {k: str(paths[k]) for k in ("labeled", "unlabeled", "test")}})
+    cfg["data"]["cache_dir"] = str(args.cache / "decoded")  # one uint8 decode cache for all rows
+    if args.quick:
+        cfg = merge(cfg, QUICK)
+    rows, t_all = [], time.time()
+
+    ns, wall = run("ns", merge(cfg, {"models": MODELS}), work)
+    ns_dir = work / "ns" / "run"
+    for it, name in zip(ns["iterations"], ["teacher", "ns_iter1", "ns_iter2"], strict=False):
+        rows.append(row(name, it, wall))
+    write(rows, args, t_all)
+    if args.rows in ("main", "all"):
+        steps = student_steps(ns_dir, cfg, len(MODELS) - 1)
+        ctrl, w = run(
+            "supervised_control",
+            supervised_like_student(cfg, MODELS[-1], paths["labeled"], 4000, steps),
+            work,
+        )
+        rows.append(row("supervised_control", ctrl["iterations"][0], w))
+        write(rows, args, t_all)
+        n_all = 50000 if not args.quick else 4000
+        up_cfg = supervised_like_student(cfg, MODELS[-1], paths["all"], n_all, steps)
+        up, w = run("upper_bound", up_cfg, work)
+        rows.append(row("upper_bound", up["iterations"][0], w))
+    if args.rows in ("ablations", "all"):
+        one = merge(cfg, {"models": MODELS[:2]})
+        same = merge(cfg, {"models": [MODELS[0], MODELS[0]]})
+        ablations = {
+            "no_noise": merge(one, {"student": {"randaugment": None, "drop_rate": 0.0, "drop_path_rate": 0.0}}),
+            "equal_size": same,
+            "hard_labels": merge(one, {"pseudo": {"mode": "hard"}}),
+            "no_selection": (merge(one, {"select": {"threshold": 0.0, "balance": False}}), False),
+            "init_from_teacher": merge(same, {"student": {"init": "teacher"}}),
+            # the same images per row: an epoch of ratio r holds N_u (1 + r) / r images
+            "ratio1": merge(one, {"student": {"ratio": 1, "epochs": ratio_epochs(cfg["student"], 1)}}),
+        }  # fmt: skip
+        for what, spec in ablations.items():
+            c, keep = spec if isinstance(spec, tuple) else (spec, True)
+            reuse_teacher(ns_dir, work / f"ablation_{what}", keep_select=keep)
+            s, w = run(f"ablation_{what}", c, work)
+            rows.append(row(f"ablation_{what}", s["iterations"][-1], w))
+            write(rows, args, t_all)
+    write(rows, args, t_all)
 
 
 if __name__ == "__main__":
