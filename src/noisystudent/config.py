@@ -173,8 +173,10 @@ class Config:
         return asdict(self)
 
 
-# Keys that change how fast or how loudly a run goes, never its results: a run directory may be
-# resumed with different values for these.
+# Keys that change how fast or how loudly a run goes, not what it computes: a run directory may
+# be resumed with different values for these. (`compile` changes floating-point rounding only:
+# a compiled or frozen model sums in another order, and the frozen inference copy holds bf16
+# weights where autocast would cast them per op.)
 RUNTIME_KEYS = {
     "run_dir",
     "device",
