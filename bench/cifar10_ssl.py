@@ -193,8 +193,8 @@ def targets(rows: list[dict]) -> dict:
 
 
 def write(rows: list[dict], args: argparse.Namespace, t_all: float) -> None:
-    """Write the JSON and markdown table (after every row, so a stopped command keeps what it
-    measured), merged with the rows of the other command (`--rows main` / `--rows ablations`)."""
+    """Write the JSON and markdown table, merged with the rows of the other command
+    (`--rows main` / `--rows ablations`)."""
     rows = list(rows)
     result = {"protocol": "CIFAR-10, 400 labels/class (seed 0), 46k unlabeled, 10k test",
               "quick": args.quick, "rows": rows, "total_wall_s": round(time.time() - t_all, 1),
@@ -243,11 +243,14 @@ def main() -> None:
         cfg = merge(cfg, QUICK)
     rows, t_all = [], time.time()
 
+    def add(name: str, it: dict, wall: float) -> None:
+        rows.append(row(name, it, wall))
+        write(rows, args, t_all)  # after every row: a stopped command keeps what it measured
+
     ns, wall = run("ns", merge(cfg, {"models": MODELS}), work)
     ns_dir = work / "ns" / "run"
     for it, name in zip(ns["iterations"], ["teacher", "ns_iter1", "ns_iter2"], strict=False):
-        rows.append(row(name, it, wall))
-    write(rows, args, t_all)
+        add(name, it, wall)
     if args.rows in ("main", "all"):
         steps = student_steps(ns_dir, cfg, len(MODELS) - 1)
         ctrl, w = run(
@@ -255,12 +258,11 @@ def main() -> None:
             supervised_like_student(cfg, MODELS[-1], paths["labeled"], 4000, steps),
             work,
         )
-        rows.append(row("supervised_control", ctrl["iterations"][0], w))
-        write(rows, args, t_all)
+        add("supervised_control", ctrl["iterations"][0], w)
         n_all = 50000 if not args.quick else 4000
         up_cfg = supervised_like_student(cfg, MODELS[-1], paths["all"], n_all, steps)
         up, w = run("upper_bound", up_cfg, work)
-        rows.append(row("upper_bound", up["iterations"][0], w))
+        add("upper_bound", up["iterations"][0], w)
     if args.rows in ("ablations", "all"):
         one = merge(cfg, {"models": MODELS[:2]})
         same = merge(cfg, {"models": [MODELS[0], MODELS[0]]})
@@ -277,9 +279,7 @@ def main() -> None:
             c, keep = spec if isinstance(spec, tuple) else (spec, True)
             reuse_teacher(ns_dir, work / f"ablation_{what}", keep_select=keep)
             s, w = run(f"ablation_{what}", c, work)
-            rows.append(row(f"ablation_{what}", s["iterations"][-1], w))
-            write(rows, args, t_all)
-    write(rows, args, t_all)
+            add(f"ablation_{what}", s["iterations"][-1], w)
 
 
 if __name__ == "__main__":

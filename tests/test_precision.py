@@ -20,7 +20,7 @@ def _reset_runtime():
 
 def test_auto_precision_follows_native_bf16_and_says_why():
     cpu = torch.device("cpu")
-    line = engine.configure("auto", False, cpu)
+    line = engine.configure("auto", "off", cpu)
     if engine.native_bf16(cpu):
         assert engine.autocast_dtype(cpu) == torch.bfloat16 and "bf16" in line
     else:  # the AVX2 dev machine: fp32, with the reason in the log line
@@ -42,12 +42,12 @@ def test_native_bf16_reads_the_cpu_flags(tmp_path):
 
 def test_forced_precisions():
     cpu = torch.device("cpu")
-    engine.configure("fp32", False, cpu)
+    engine.configure("fp32", "off", cpu)
     assert engine.autocast_dtype(cpu) is None
-    engine.configure("bf16", False, cpu)
+    engine.configure("bf16", "off", cpu)
     assert engine.autocast_dtype(cpu) == torch.bfloat16
     with pytest.raises(UserError, match="precision=fp16 needs a CUDA device"):
-        engine.configure("fp16", False, cpu)
+        engine.configure("fp16", "off", cpu)
 
 
 def test_precision_is_a_checked_config_choice():
@@ -89,9 +89,9 @@ def test_compiled_predict_matches_eager():
     torch.manual_seed(0)
     m = create_model("cifar_resnet8", 10)
     ds = ViewDataset(_cached_set(), 8)
-    engine.configure("fp32", False, torch.device("cpu"))  # auto may pick bf16 on this CPU
+    engine.configure("fp32", "off", torch.device("cpu"))  # auto may pick bf16 on this CPU
     eager = torch.cat([x for x, _ in engine.predict(m, ds, 16, torch.device("cpu"))])
-    engine.configure("fp32", True, torch.device("cpu"))
+    engine.configure("fp32", "on", torch.device("cpu"))
     comp = torch.cat([x for x, _ in engine.predict(m, ds, 16, torch.device("cpu"))])
     assert torch.allclose(eager, comp, atol=1e-4)
 
@@ -105,7 +105,7 @@ def test_compile_auto_thresholds():
     assert engine.compile_training(cpu, engine.COMPILE_TRAIN_MIN_STEPS)
     engine.configure("auto", "off", cpu)
     assert not engine.compile_inference(cpu, 10**9) and not engine.compile_training(cpu, 10**9)
-    engine.configure("auto", True, cpu)
+    engine.configure("auto", "on", cpu)
     assert engine.compile_inference(cpu, 1) and engine.compile_training(cpu, 1)
 
 

@@ -87,16 +87,17 @@ def _quiet_inductor() -> None:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
-def compile_training(device: torch.device, steps: int) -> bool:
+def _compile_pays(device: torch.device, work: int, minimum: int) -> bool:
     c = RUNTIME.compile
-    return c == "on" or (c == "auto" and device.type == "cpu" and steps >= COMPILE_TRAIN_MIN_STEPS)
+    return c == "on" or (c == "auto" and device.type == "cpu" and work >= minimum)
+
+
+def compile_training(device: torch.device, steps: int) -> bool:
+    return _compile_pays(device, steps, COMPILE_TRAIN_MIN_STEPS)
 
 
 def compile_inference(device: torch.device, images: int) -> bool:
-    c = RUNTIME.compile
-    return c == "on" or (
-        c == "auto" and device.type == "cpu" and images >= COMPILE_INFER_MIN_IMAGES
-    )
+    return _compile_pays(device, images, COMPILE_INFER_MIN_IMAGES)
 
 
 def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
@@ -124,13 +125,11 @@ def native_bf16(device: torch.device, flags: set[str] | None = None) -> bool:
     return "AMX" in cap or "BF16" in cap
 
 
-def configure(precision: str, compile: str | bool, device: torch.device) -> str:
+def configure(precision: str, compile: str, device: torch.device) -> str:
     """Set this process's precision and compile switches; returns the line to log, e.g.
     'precision: fp32 (this CPU has no native bf16: AVX2)'."""
     if precision == "fp16" and device.type != "cuda":
         raise UserError("precision=fp16 needs a CUDA device; use precision=bf16 or fp32 on CPU")
-    if isinstance(compile, bool):
-        compile = "on" if compile else "off"
     RUNTIME.precision, RUNTIME.compile = precision, compile
     dt = autocast_dtype(device)
     name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt]
@@ -693,7 +692,7 @@ def predict(
     amp = autocast_dtype(device)
     net, in_dtype = model, None
     n_job = len(ds) if job_images is None else job_images
-    if compile_inference(device, n_job) or _has_inference_net(model, device, amp):
+    if compile_inference(device, n_job) or _cached_inference_net(model, device, amp):
         net, in_dtype = inference_net(model, device, amp)
         amp = None if in_dtype is not None else amp
     a = ds.raw_array()
@@ -744,18 +743,19 @@ class _Frozen:
     around each call (a recompile for a new input shape is frozen too)."""
 
     def __init__(self, compiled: Callable[[torch.Tensor], torch.Tensor]):
-        self.compiled = compiled
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(freezing=True):
+        self.compiled, self.inductor_config = compiled, inductor_config
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with self.inductor_config.patch(freezing=True):
             return self.compiled(x)
 
 
-def _has_inference_net(model: nn.Module, device: torch.device, amp: torch.dtype | None) -> bool:
+def _cached_inference_net(model: nn.Module, device: torch.device, amp: torch.dtype | None):
+    """(net, input dtype) of the compiled copy made for `model`'s current weights, or None."""
     hit = _INFERENCE_NETS.get(model)
-    return hit is not None and hit[0] == _weights_key(model, device, amp)
+    return hit[1:] if hit is not None and hit[0] == _weights_key(model, device, amp) else None
 
 
 def inference_net(
@@ -765,10 +765,9 @@ def inference_net(
     (None: run it under autocast as usual). On CPU: inductor with weight freezing (BatchNorm
     folded into the convolutions, weights prepacked for oneDNN), the copy cast to bf16 outright
     when bf16 is in use, which beats autocast's per-op casts. `model` itself is not changed."""
-    key = _weights_key(model, device, amp)
-    hit = _INFERENCE_NETS.get(model)
-    if hit is not None and hit[0] == key:
-        return hit[1], hit[2]
+    hit = _cached_inference_net(model, device, amp)
+    if hit is not None:
+        return hit
     _quiet_inductor()
     if device.type == "cpu":
         frozen = copy.deepcopy(model).eval()
@@ -779,7 +778,7 @@ def inference_net(
         net = _Frozen(torch.compile(frozen))
     else:  # CUDA: plain torch.compile under autocast (not cached: it would hold `model`)
         return torch.compile(model), None
-    _INFERENCE_NETS[model] = (key, net, in_dtype)
+    _INFERENCE_NETS[model] = (_weights_key(model, device, amp), net, in_dtype)
     return net, in_dtype
 
 
