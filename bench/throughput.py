@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from noisystudent.augment import ViewDataset, batch_train_view
 from noisystudent.config import TrainConfig
 from noisystudent.data import ImageSet, decode_to_array, scan_class_folders
-from noisystudent.engine import autocast_dtype, configure, train
+from noisystudent.engine import autocast_dtype, configure, cpu_model, train
 from noisystudent.labeling import label_shards
 from noisystudent.models import create_model
 from noisystudent.rundir import RunDir
@@ -86,10 +87,48 @@ def _vm_hwm_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
+def _reset_hwm() -> bool:
+    """Restart VmHWM from the current RSS (Linux clear_refs "5"); False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class ShardPeaks:
+    """Peak RSS per shard of a labeling pass: a thread polls, once a second, the number of shard
+    files written, and at each new one records VmHWM (the peak since the last reset) and resets
+    it. Polling, not a hook, so the probe runs the library's label_shards unchanged; a peak is
+    attributed to the shard being labeled within a second."""
+
+    def __init__(self, root: Path):
+        self.root, self.peaks, self.ok = root, [], _reset_hwm()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(1.0):
+            self._check()
+
+    def _check(self) -> None:
+        done = len(list(self.root.glob("*.safetensors"))) if self.root.is_dir() else 0
+        while self.ok and len(self.peaks) < done:
+            self.peaks.append(round(_vm_hwm_mb(), 1))
+            _reset_hwm()
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join()
+        self._check()
+        return self.peaks
+
+
 def memory_probe(args) -> None:
     """One pseudo-labeling pass over the CIFAR train JPEGs repeated to args.memory_probe images
     (file-backed: decoded per batch, as for a set too large to cache), in this fresh process;
-    prints the peak resident memory."""
+    prints the peak resident memory, overall and per shard."""
     base = scan_class_folders(args.data, "unlabeled")
     reps = -(-args.memory_probe // len(base))
     idx = np.tile(np.arange(len(base)), reps)[: args.memory_probe]
@@ -98,14 +137,17 @@ def memory_probe(args) -> None:
     rss0 = _vm_hwm_mb()
     work = Path(tempfile.mkdtemp(prefix="ns-memory-"))
     t = time.perf_counter()
+    trace = ShardPeaks(work / "pseudo")
     label_shards(create_model(args.model, 10).eval(), images, args.size, work / "pseudo", 10, 10,
                  1.0, {"bench": "1"}, 65536, 256, torch.device("cpu"))  # fmt: skip
     wall = time.perf_counter() - t
-    peak = _vm_hwm_mb()
+    per_shard = trace.stop()
+    peak = max([_vm_hwm_mb(), *per_shard]) if trace.ok else _vm_hwm_mb()
     store = sum(f.stat().st_size for f in (work / "pseudo").rglob("*") if f.is_file())
     print(json.dumps({"images": len(images), "peak_rss_mb": round(peak, 1),
-                      "rss_before_labeling_mb": round(rss0, 1), "wall_s": round(wall, 1),
-                      "images_per_s": round(len(images) / wall, 1), "store_mb": round(store / 2**20, 1)}))  # fmt: skip
+                      "rss_before_labeling_mb": round(rss0, 1), "peak_per_shard_mb": per_shard,
+                      "wall_s": round(wall, 1), "images_per_s": round(len(images) / wall, 1),
+                      "store_mb": round(store / 2**20, 1)}))  # fmt: skip
 
 
 def memory(args) -> dict:
@@ -225,7 +267,7 @@ def main() -> None:
     med = {k: round(statistics.median(v), 1) for k, v in res.items()}
     out = {
         "model": args.model, "size": args.size, "batch_labeled": args.batch, "ratio": 3,
-        "precision": str(amp or torch.float32), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "precision": str(amp or torch.float32), "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(), "images_per_s": med, "reps": args.reps,
         "label_images": len(to_label), "compiled_training": compiled,
         "ratios": {

@@ -40,6 +40,15 @@ def test_native_bf16_reads_the_cpu_flags(tmp_path):
     assert engine.cpu_flags(str(tmp_path / "missing")) == set()
 
 
+def test_cpu_model_names_the_cpu_and_its_bf16_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx512f avx512_bf16\n")
+    assert engine.cpu_model(str(info)) == "AMD EPYC (avx512_bf16)"
+    info.write_text("processor\t: 0\nmodel name\t: Old CPU\nflags\t\t: fpu avx2\n")
+    assert engine.cpu_model(str(info)) == "Old CPU (no native bf16)"
+    assert engine.cpu_model(str(tmp_path / "missing")) == "unknown CPU (no native bf16)"
+
+
 def test_forced_precisions():
     cpu = torch.device("cpu")
     engine.configure("fp32", "off", cpu)

@@ -112,6 +112,21 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
     return set()
 
 
+def cpu_model(path: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name and its native bf16 flags, for benchmark records (figures differ by
+    machine, e.g. with or without AMX)."""
+    name = "unknown CPU"
+    try:
+        with open(path) as f:
+            name = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name
+            )
+    except OSError:
+        pass
+    bf16 = sorted(cpu_flags(path) & {"amx_bf16", "avx512_bf16"})
+    return f"{name} ({', '.join(bf16) or 'no native bf16'})"
+
+
 def native_bf16(device: torch.device, flags: set[str] | None = None) -> bool:
     """Whether the device runs bf16 matrix work natively. On CPUs: AMX-BF16 or AVX512-BF16.
     torch's `get_cpu_capability()` says only "AVX512" on an AMX CPU (Sapphire Rapids), so the
