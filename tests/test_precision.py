@@ -144,3 +144,16 @@ def test_frozen_bf16_predict_matches_eager_and_follows_weight_changes():
     engine.configure("bf16", "off", cpu)
     assert torch.allclose(flipped, logits(), atol=0.1 * eager.abs().max().item())
     assert not torch.allclose(flipped, comp, atol=0.1 * eager.abs().max().item())
+
+
+def test_train_memory_format_per_family(monkeypatch):
+    from noisystudent.models import create_model
+
+    cpu = torch.device("cpu")
+    eff, res = create_model("efficientnet_small_b0", 10), create_model("cifar_resnet8", 10)
+    assert engine.has_depthwise_conv(eff) and not engine.has_depthwise_conv(res)
+    monkeypatch.setattr(engine, "autocast_dtype", lambda d: torch.bfloat16)
+    assert engine.train_memory_format(eff, cpu) == torch.contiguous_format  # measured faster
+    assert engine.train_memory_format(res, cpu) == torch.channels_last
+    monkeypatch.setattr(engine, "autocast_dtype", lambda d: None)
+    assert engine.train_memory_format(eff, cpu) == torch.channels_last

@@ -160,6 +160,29 @@ def configure(precision: str, compile: str, device: torch.device) -> str:
     return f"precision: {name} ({why}); channels_last; compile {how}"
 
 
+def has_depthwise_conv(model: nn.Module) -> bool:
+    """Whether the model has depthwise convolutions (groups == in_channels > 1: EfficientNet,
+    MobileNet, ConvNeXt families)."""
+    return any(
+        isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+        for m in model.modules()
+    )
+
+
+def train_memory_format(model: nn.Module, device: torch.device) -> torch.memory_format:
+    """channels_last for training, except for depthwise-conv models under bf16 on CPU: there
+    channels-first trained faster, measured on two CPUs (`bench/memory_format.py --precision
+    bf16`, efficientnet_small_b0: 75.3 vs 66.3 img/s on an AMD EPYC, 64.0 vs 59.6 on an AMX
+    Xeon), while channels_last stays faster for them in inference and for the ResNets in both."""
+    if (
+        device.type == "cpu"
+        and autocast_dtype(device) == torch.bfloat16
+        and has_depthwise_conv(model)
+    ):
+        return torch.contiguous_format
+    return torch.channels_last
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype, None for fp32. `auto`: bf16 where the hardware runs it natively; fp16
     (with a grad scaler) on CUDA GPUs without bf16; else fp32.
@@ -479,8 +502,8 @@ def train(
             raise UserError("sync_bn=true needs CUDA devices (nccl); set it to false on CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    if device.type == "cpu" or device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    fmt = train_memory_format(model, device)
+    model.to(memory_format=fmt)
     # under torchrun: DDP averages gradients over ranks; `model` stays the bare module
     net = model
     if dist.is_distributed():
@@ -632,7 +655,7 @@ def train(
                     _mix(es, 3, i, rank) if world > 1 else _mix(es, 3, i)
                 )
                 x = batch_aug(x, g)
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=fmt)
             # model noise of this step and rank (dropout, drop path)
             torch.manual_seed(_mix(es, 2, i, rank) if world > 1 else _mix(es, 2, i))
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
