@@ -188,9 +188,9 @@ def targets(rows: list[dict]) -> dict:
         out["student_minus_teacher"] = round(top[final] - top["teacher"], 2)
     if final in top and "supervised_control" in top:
         out["student_minus_control"] = round(top[final] - top["supervised_control"], 2)
-    if {final, "teacher", "upper_bound"} <= set(top) and top["upper_bound"] != top["teacher"]:
-        gap = (top[final] - top["teacher"]) / (top["upper_bound"] - top["teacher"])
-        out["gap_closed"] = round(gap, 3)
+    if {final, "teacher", "upper_bound"} <= set(top):  # None: no gap (upper bound = teacher)
+        room = top["upper_bound"] - top["teacher"]
+        out["gap_closed"] = round((top[final] - top["teacher"]) / room, 3) if room else None
     if {"ns_iter1", "ablation_no_noise"} <= set(top):
         out["noise_on_minus_off"] = round(top["ns_iter1"] - top["ablation_no_noise"], 2)
     if {"ns_iter1", "ablation_equal_size"} <= set(top):
