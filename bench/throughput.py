@@ -142,7 +142,7 @@ def memory_probe(args) -> None:
                  1.0, {"bench": "1"}, 65536, 256, torch.device("cpu"))  # fmt: skip
     wall = time.perf_counter() - t
     per_shard = trace.stop()
-    peak = max([_vm_hwm_mb(), *per_shard]) if trace.ok else _vm_hwm_mb()
+    peak = max([_vm_hwm_mb(), *per_shard])  # per_shard is empty where VmHWM cannot be reset
     store = sum(f.stat().st_size for f in (work / "pseudo").rglob("*") if f.is_file())
     print(json.dumps({"images": len(images), "peak_rss_mb": round(peak, 1),
                       "rss_before_labeling_mb": round(rss0, 1), "peak_per_shard_mb": per_shard,

@@ -157,7 +157,7 @@ def configure(precision: str, compile: str, device: torch.device) -> str:
     elif precision == "bf16" and not native_bf16(device):
         why = "forced; this device has no native bf16, expect it to be slow"
     how = {"on": "on", "off": "off", "auto": "auto (long runs and large sets only)"}[compile]
-    return f"precision: {name} ({why}); channels_last; compile {how}"
+    return f"precision: {name} ({why}); channels_last (training: per family, engine.train_memory_format); compile {how}"
 
 
 def has_depthwise_conv(model: nn.Module) -> bool:
