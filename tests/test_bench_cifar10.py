@@ -44,7 +44,7 @@ def test_quick_benchmark_writes_every_row(tmp_path):
     names = [r["name"] for r in res["rows"]]
     want = ["teacher", "supervised_control", "ns_iter1", "ns_iter2", "upper_bound"] + [
         f"ablation_{a}" for a in ("no_noise", "hard_labels", "no_selection", "equal_size",
-                                  "init_from_teacher", "ratio1")
+                                  "init_from_teacher", "ratio3")
     ]  # fmt: skip
     assert sorted(names) == sorted(want) and len(names) == len(set(names))
     for r in res["rows"]:
