@@ -42,7 +42,7 @@ def test_quick_benchmark_writes_every_row(tmp_path):
         subprocess.run([*cmd, "--rows", rows], check=True, cwd=tmp_path, timeout=1500)
     res = json.loads((out / "cifar10_4k_quick.json").read_text())
     names = [r["name"] for r in res["rows"]]
-    want = ["teacher", "supervised_control", "ns_iter1", "ns_iter2", "upper_bound"] + [
+    want = ["teacher", "supervised_control", "ns_iter1", "ns_iter2", "ns_iter3", "upper_bound"] + [
         f"ablation_{a}" for a in ("no_noise", "hard_labels", "no_selection", "equal_size",
                                   "init_from_teacher", "ratio3")
     ]  # fmt: skip
