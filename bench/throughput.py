@@ -21,14 +21,16 @@ Images/s count every image through the model (labeled + unlabeled for training).
 bench/results/throughput.json with `ratios` (train_vs_plain c/a, train_vs_limit c/b,
 label_vs_plain d/a, label_vs_limit d/b) beside the raw figures, and prints them.
 --memory adds `pseudo_label_memory`: the peak resident memory of pseudo-labeling 50,000 and
-500,000 images (the CIFAR train JPEGs repeated, read from their files, each size in a fresh
-process) and the ratio of the two.
+500,000 images (an unlabeled index file of the CIFAR train JPEGs repeated, each image read from
+its file, each size in a fresh process: `--memory-probe N`), per shard and overall, and the
+ratio of the two.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,7 +45,13 @@ import torch.nn.functional as F
 
 from noisystudent.augment import ViewDataset, batch_train_view
 from noisystudent.config import TrainConfig
-from noisystudent.data import ImageSet, decode_to_array, scan_class_folders
+from noisystudent.data import (
+    INDEX_HEADER,
+    ImageSet,
+    decode_to_array,
+    load_set,
+    scan_class_folders,
+)
 from noisystudent.engine import autocast_dtype, configure, cpu_model, train
 from noisystudent.labeling import label_shards
 from noisystudent.models import create_model
@@ -125,17 +133,32 @@ class ShardPeaks:
         return self.peaks
 
 
+def tiled_index(data: Path, n: int, work: Path) -> Path:
+    """An index file (`noisystudent split` format) of n unlabeled images: the CIFAR train JPEGs
+    repeated, each repetition k under its own root entry rk/ (a link to the train folder), so
+    every line is a distinct uid of a real file. Written line by line."""
+    base = scan_class_folders(data, "unlabeled")
+    reps = -(-n // len(base))
+    (work / "root").mkdir(parents=True)
+    for k in range(reps):
+        (work / "root" / f"r{k}").symlink_to(data.resolve(), target_is_directory=True)
+    path = work / "unlabeled.tsv"
+    with open(path, "w") as f:
+        f.write(f"{INDEX_HEADER}\n# root: {work / 'root'}\n# classes: {json.dumps(base.classes)}\n")
+        for j in range(n):
+            k, i = divmod(j, len(base))
+            f.write(f"r{k}/{base.uids[i]}\t{base.classes[base.labels[i]]}\n")
+    return path
+
+
 def memory_probe(args) -> None:
-    """One pseudo-labeling pass over the CIFAR train JPEGs repeated to args.memory_probe images
-    (file-backed: decoded per batch, as for a set too large to cache), in this fresh process;
-    prints the peak resident memory, overall and per shard."""
-    base = scan_class_folders(args.data, "unlabeled")
-    reps = -(-args.memory_probe // len(base))
-    idx = np.tile(np.arange(len(base)), reps)[: args.memory_probe]
-    images = ImageSet(classes=base.classes, uids=[f"{k}/{base.uids[i]}" for k, i in enumerate(idx)],
-                      labels=base.labels[idx], paths=[base.paths[i] for i in idx])  # fmt: skip
-    rss0 = _vm_hwm_mb()
+    """One pseudo-labeling pass over args.memory_probe images in this fresh process, as a user's
+    run does it: an unlabeled index file (the CIFAR train JPEGs repeated, tiled_index) loaded
+    with the data code, every image read from its file per batch (too large to cache); prints
+    the peak resident memory, overall and per shard."""
     work = Path(tempfile.mkdtemp(prefix="ns-memory-"))
+    images = load_set(tiled_index(args.data, args.memory_probe, work), "unlabeled")
+    rss0 = _vm_hwm_mb()
     t = time.perf_counter()
     trace = ShardPeaks(work / "pseudo")
     label_shards(create_model(args.model, 10).eval(), images, args.size, work / "pseudo", 10, 10,
@@ -144,6 +167,7 @@ def memory_probe(args) -> None:
     per_shard = trace.stop()
     peak = max([_vm_hwm_mb(), *per_shard])  # per_shard is empty where VmHWM cannot be reset
     store = sum(f.stat().st_size for f in (work / "pseudo").rglob("*") if f.is_file())
+    shutil.rmtree(work)
     print(json.dumps({"images": len(images), "peak_rss_mb": round(peak, 1),
                       "rss_before_labeling_mb": round(rss0, 1), "peak_per_shard_mb": per_shard,
                       "wall_s": round(wall, 1), "images_per_s": round(len(images) / wall, 1),

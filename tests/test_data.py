@@ -1,8 +1,11 @@
+import pickle
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from noisystudent.data import (
+    IndexColumn,
     decode_to_array,
     digits_sets,
     load_rgb,
@@ -114,6 +117,34 @@ def test_split_writes_index_files_without_copying(tmp_path):
     ).read_text().split("\n")[3:] and again == {**info}
     with pytest.raises(UserError, match="fewer than --labels-per-class"):
         split_dataset(tmp_path / "src", tmp_path / "s3", 11)
+
+
+def test_index_keeps_uids_in_the_file(tmp_path):
+    """An index file's uids and paths are read from the file per access (IndexColumn), equal to
+    the folder scan, also after a subset, a pickle round trip, blank lines and CRLF endings."""
+    make_class_folders(tmp_path / "src", 4)
+    split_dataset(tmp_path / "src", tmp_path / "split", 2, seed=0)
+    tsv = tmp_path / "split" / "unlabeled.tsv"
+    unl = load_set(tsv, "unlabeled")
+    full = scan_class_folders(tmp_path / "src")
+    by_uid = dict(zip(full.uids, zip(full.paths, full.labels.tolist(), strict=True), strict=True))
+    assert isinstance(unl.uids, IndexColumn) and len(unl) == 6
+    assert [(p, int(c)) for p, c in zip(unl.paths, unl.labels, strict=True)] == [
+        by_uid[u] for u in unl.uids
+    ]
+    sub = unl.subset(np.array([4, 1]))
+    assert isinstance(sub.uids, IndexColumn) and list(sub.uids) == [unl.uids[4], unl.uids[1]]
+    assert sub.paths[-1] == by_uid[unl.uids[1]][0] and np.asarray(sub.image(0)).shape == (16, 16, 3)
+    assert list(pickle.loads(pickle.dumps(sub)).uids) == list(sub.uids)
+    lines = tsv.read_text().splitlines()
+    messy = tmp_path / "messy.tsv"
+    messy.write_bytes(("\r\n".join(lines[:4] + ["", *lines[4:]]) + "\r\n\n").encode())
+    again = load_set(messy, "unlabeled")
+    assert list(again.uids) == list(unl.uids) and (again.labels == unl.labels).all()
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("\n".join([*lines[:4], "no-tab-here"]) + "\n")
+    with pytest.raises(UserError, match="line 5 is not 'uid<TAB>class'"):
+        load_set(bad, "unlabeled")
 
 
 def test_digits_builtin_split():

@@ -154,3 +154,20 @@ def test_weight_ema_is_the_saved_model(tiny_data, tmp_path):
     assert not torch.allclose(saved[key], raw[key])  # not the raw last weights
     ema_key = next(k for k in ema if k.endswith("fc.weight"))
     assert torch.allclose(saved[key], ema[ema_key])  # the EMA weights
+
+
+def test_pipeline_from_index_files_file_backed(tiny_data, tmp_path):
+    """`noisystudent split` index files as labeled and unlabeled data, at a size above the decode
+    cache's (file-backed: every image is read through the index's IndexColumn paths)."""
+    from noisystudent.data import split_dataset
+
+    split_dataset(tiny_data["unlabeled"], tmp_path / "split", 4, seed=0)
+    run = tmp_path / "run"
+    data = {**tiny_data, "labeled": tmp_path / "split" / "labeled.tsv",
+            "unlabeled": tmp_path / "split" / "unlabeled.tsv"}  # fmt: skip
+    args = [*tiny_overrides(data, run, "[cifar_resnet8,cifar_resnet8]"), "data.image_size=72"]
+    args += ["teacher.epochs=1", "student.epochs=1"]
+    assert main(["run", str(_write_cfg(tmp_path)), *args]) == 0
+    store = PseudoLabelStore.load(run / "iter0" / "pseudo")
+    assert len(store.uids) == 48 and not (run / "cache").exists()
+    assert json.loads((run / "iter0" / "pseudo" / "audit.json").read_text())["audited"] == 48

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +31,9 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a g
 @dataclass
 class ImageSet:
     classes: list[str]
-    uids: list[str]
+    uids: Sequence[str]  # a list, or an IndexColumn (read from an index file)
     labels: np.ndarray  # (N,) int64, -1 = unknown
-    paths: list[Path] | None = None  # file-backed
+    paths: Sequence[Path] | None = None  # file-backed
     array: np.ndarray | None = None  # (N, H, W, 3) uint8, memory-backed
     skipped: list[str] = field(default_factory=list)  # uids of unreadable files that were skipped
     # What to do with a file found unreadable while reading it (file-backed sets, read per access
@@ -45,9 +47,9 @@ class ImageSet:
         idx = np.asarray(idx, dtype=np.int64)
         return ImageSet(
             classes=self.classes,
-            uids=[self.uids[i] for i in idx],
+            uids=take(self.uids, idx),
             labels=self.labels[idx],
-            paths=None if self.paths is None else [self.paths[i] for i in idx],
+            paths=None if self.paths is None else take(self.paths, idx),
             array=None if self.array is None else self.array[idx],
             bad_log=self.bad_log,
         )
@@ -251,25 +253,80 @@ def write_index(path: Path, root: Path, classes: list[str], rows: list[tuple[str
     atomic_write(path, lambda p: p.write_text("\n".join(lines) + "\n"))
 
 
+class IndexColumn(Sequence):
+    """The uids of an index file, or their paths under `root`, read from the file per access.
+
+    An index can list far more images than fit in memory as Python strings (~110 bytes an image
+    with their Paths); this keeps 16 bytes an image (where its line starts and ends) and reads a
+    line with `os.pread` when asked, so pseudo-labeling a 500k-image index holds no per-image
+    strings. Picklable (the file is re-opened), so DataLoader workers get it as it is."""
+
+    def __init__(self, path: Path, span: np.ndarray, root: Path | None = None):
+        # span: (N, 2) int64 byte offsets [start, end) of each line; the file must not change
+        self.path, self.span, self.root = Path(path), span, root
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.span)
+
+    def __getitem__(self, i):  # an int; a subset is `take`
+        a, b = (int(v) for v in self.span[range(len(self))[i]])
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        uid = os.pread(self._fd, b - a, a).split(b"\t", 1)[0].decode()
+        return uid if self.root is None else self.root / uid
+
+    def take(self, idx: np.ndarray) -> IndexColumn:
+        return IndexColumn(self.path, self.span[idx], self.root)
+
+    def with_root(self, root: Path) -> IndexColumn:
+        return IndexColumn(self.path, self.span, root)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
+def take(seq: Sequence, idx: np.ndarray) -> Sequence:
+    """seq[idx] for a list or an IndexColumn (which stays one)."""
+    return seq.take(idx) if isinstance(seq, IndexColumn) else [seq[i] for i in idx]
+
+
 def read_index(path: str | Path, what: str) -> ImageSet:
+    """An index file as an ImageSet whose uids and paths stay in the file (IndexColumn); the
+    lines are streamed once here for their offsets and class labels."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} index file '{path}' does not exist; check data.{what}")
-    lines = path.read_text().splitlines()
-    if not lines or lines[0] != INDEX_HEADER:
-        raise UserError(f"'{path}' is not a noisystudent index file (made by `noisystudent split`)")
-    root = Path(lines[1].split(": ", 1)[1])
-    classes = json.loads(lines[2].split(": ", 1)[1])
-    cidx = {c: i for i, c in enumerate(classes)}
-    uids, labels = [], []
-    for line in lines[3:]:
-        if not line.strip():
-            continue
-        uid, c = line.split("\t")
-        uids.append(uid)
-        labels.append(cidx.get(c, -1))
-    paths = [root / u for u in uids]
-    return ImageSet(classes, uids, np.asarray(labels, dtype=np.int64), paths=paths)
+    with open(path, "rb") as f:
+        head = [f.readline().decode(errors="replace").rstrip("\r\n") for _ in range(3)]
+        if head[0] != INDEX_HEADER or not all(": " in h for h in head[1:]):
+            raise UserError(
+                f"'{path}' is not a noisystudent index file (made by `noisystudent split`)"
+            )
+        root = Path(head[1].split(": ", 1)[1])
+        try:
+            classes = json.loads(head[2].split(": ", 1)[1])
+        except json.JSONDecodeError:
+            raise UserError(f"'{path}' line 3 is not '# classes: [...]'; re-make the index") from None
+        cidx = {c.encode(): i for i, c in enumerate(classes)}
+        span, labels = array("q"), array("q")
+        pos = f.tell()
+        for n, line in enumerate(f, start=4):
+            if line.strip():
+                parts = line.rstrip(b"\r\n").split(b"\t")
+                if len(parts) != 2:
+                    raise UserError(f"'{path}' line {n} is not 'uid<TAB>class'; re-make the index")
+                span.extend((pos, pos + len(parts[0])))
+                labels.append(cidx.get(parts[1], -1))
+            pos += len(line)
+    uids = IndexColumn(path, np.frombuffer(span, dtype=np.int64).reshape(-1, 2).copy())
+    return ImageSet(
+        classes, uids, np.frombuffer(labels, dtype=np.int64).copy(), paths=uids.with_root(root)
+    )
 
 
 def split_dataset(src: str | Path, out: str | Path, labels_per_class: int, seed: int = 0) -> dict:
