@@ -311,7 +311,9 @@ def read_index(path: str | Path, what: str) -> ImageSet:
         try:
             classes = json.loads(head[2].split(": ", 1)[1])
         except json.JSONDecodeError:
-            raise UserError(f"'{path}' line 3 is not '# classes: [...]'; re-make the index") from None
+            raise UserError(
+                f"'{path}' line 3 is not '# classes: [...]'; re-make the index"
+            ) from None
         cidx = {c.encode(): i for i, c in enumerate(classes)}
         span, labels = array("q"), array("q")
         pos = f.tell()
