@@ -33,6 +33,12 @@ from .store import (
 )
 
 
+# malloc_trim every this many batches within a shard (256 images each): without it the heap of
+# freed decode buffers grew with the rows labeled (peak 862 MB after a 50,000-row shard, 940 MB
+# after a 65,536-row one), so a short pass peaked lower than a long one's first, full shard.
+TRIM_EVERY_BATCHES = 32
+
+
 def data_fingerprint(images: ImageSet) -> str:
     """Identity of the unlabeled set as labeled: its uids, in order."""
     h = hashlib.sha256(f"{len(images)}\n".encode())
@@ -107,6 +113,8 @@ def label_shards(
             ps.append(p)
             ix.append(i)
             rows.append(idx)
+            if len(rows) % TRIM_EVERY_BATCHES == 0:
+                _release_free_memory()  # decode buffers: else the heap grows with a shard's rows
         # images skipped as unreadable leave the shard; the uids say which rows are present
         r = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
         p = torch.cat(ps) if ps else torch.zeros(0, k)
