@@ -32,7 +32,6 @@ from .store import (
     write_shard,
 )
 
-
 # malloc_trim every this many batches within a shard (256 images each): without it the heap of
 # freed decode buffers grew with the rows labeled (peak 862 MB after a 50,000-row shard, 940 MB
 # after a 65,536-row one), so a short pass peaked lower than a long one's first, full shard.
