@@ -46,11 +46,11 @@ import torch.nn.functional as F
 from noisystudent.augment import ViewDataset, batch_train_view
 from noisystudent.config import TrainConfig
 from noisystudent.data import (
-    INDEX_HEADER,
     ImageSet,
     decode_to_array,
     load_set,
     scan_class_folders,
+    write_index,
 )
 from noisystudent.engine import autocast_dtype, configure, cpu_model, train
 from noisystudent.labeling import label_shards
@@ -136,18 +136,18 @@ class ShardPeaks:
 def tiled_index(data: Path, n: int, work: Path) -> Path:
     """An index file (`noisystudent split` format) of n unlabeled images: the CIFAR train JPEGs
     repeated, each repetition k under its own root entry rk/ (a link to the train folder), so
-    every line is a distinct uid of a real file. Written line by line."""
+    every line is a distinct uid of a real file. Streamed to the file by data.write_index."""
     base = scan_class_folders(data, "unlabeled")
     reps = -(-n // len(base))
     (work / "root").mkdir(parents=True)
     for k in range(reps):
         (work / "root" / f"r{k}").symlink_to(data.resolve(), target_is_directory=True)
     path = work / "unlabeled.tsv"
-    with open(path, "w") as f:
-        f.write(f"{INDEX_HEADER}\n# root: {work / 'root'}\n# classes: {json.dumps(base.classes)}\n")
-        for j in range(n):
-            k, i = divmod(j, len(base))
-            f.write(f"r{k}/{base.uids[i]}\t{base.classes[base.labels[i]]}\n")
+    rows = (
+        (f"r{j // len(base)}/{base.uids[j % len(base)]}", base.classes[base.labels[j % len(base)]])
+        for j in range(n)
+    )
+    write_index(path, work / "root", base.classes, rows)
     return path
 
 

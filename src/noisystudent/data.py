@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,10 +247,19 @@ def scan_unlabeled(root: str | Path, classes: list[str]) -> ImageSet:
 INDEX_HEADER = "# noisystudent index v1"
 
 
-def write_index(path: Path, root: Path, classes: list[str], rows: list[tuple[str, str]]) -> None:
-    lines = [INDEX_HEADER, f"# root: {root.resolve()}", f"# classes: {json.dumps(classes)}"]
-    lines += [f"{uid}\t{c}" for uid, c in rows]
-    atomic_write(path, lambda p: p.write_text("\n".join(lines) + "\n"))
+def write_index(
+    path: Path, root: Path, classes: list[str], rows: Iterable[tuple[str, str]]
+) -> None:
+    """Write an index file atomically; `rows` (uid, class) are streamed, so it may be a generator
+    over more images than fit in memory as strings."""
+
+    def write(p: Path) -> None:
+        with open(p, "w") as f:
+            f.write(f"{INDEX_HEADER}\n# root: {root.resolve()}\n# classes: {json.dumps(classes)}\n")
+            for uid, c in rows:
+                f.write(f"{uid}\t{c}\n")
+
+    atomic_write(path, write)
 
 
 class IndexColumn(Sequence):
