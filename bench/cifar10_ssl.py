@@ -1,6 +1,7 @@
 """CIFAR-10 with 4,000 labels: teacher, Noisy Student iterations, controls and ablations.
 
     python bench/cifar10_ssl.py [--rows main|ablations|all] [--quick] [--ratio R]
+                                [--models M0,M1,...] [--init scratch|teacher|auto]
                                 [--data TAR] [--cache DIR]
 
 Protocol: 400 labels per class from train/ (seed 0, `noisystudent split`), the other 46,000
@@ -22,7 +23,10 @@ Writes bench/results/cifar10_4k.json (`rows`: name, test_top1 %, pseudo_label_ac
 kept_fraction, wall_s) and bench/results/cifar10_4k.md, and prints the table. `--ratio R`
 reruns the recipe at another unlabeled:labeled ratio (epochs scaled so that the students see
 as many images; the control and upper bound matched to that batch) into its own work folder
-and bench/results/cifar10_4k_ratio<R>.{json,md}; the ablations compare with the default. `--quick` is a
+and bench/results/cifar10_4k_ratio<R>.{json,md}; the ablations compare with the default.
+`--models` and `--init` likewise rerun the main rows with another model chain or student.init
+(e.g. `--models cifar_resnet8,cifar_resnet8,cifar_resnet8 --init auto`: equal-size iterations,
+each student starting from its teacher), into cifar10_4k_r8-r8-r8_init-auto.{json,md}. `--quick` is a
 smoke run (1,000 unlabeled images, a 2,000-image test subset, 1-2 epochs) for the slow tests.
 """
 
@@ -61,7 +65,6 @@ DEFAULT_CACHE = Path.home() / ".cache" / "noisystudent" / "cifar10"
 # Three iterations, the last one equal in size (resnet20 -> resnet20): a fourth, larger model
 # would not fit its rows (and the control's and upper bound's, which use it) in 60 minutes.
 MODELS = ["cifar_resnet8", "cifar_resnet14", "cifar_resnet20", "cifar_resnet20"]
-ITERS = ["teacher"] + [f"ns_iter{i}" for i in range(1, len(MODELS))]
 BASE = {
     "seed": 0,
     "progress": False,
@@ -71,7 +74,7 @@ BASE = {
                 "ema_decay": 0.999},
     "student": {"epochs": 7, "batch_size": 64, "ratio": 1, "lr": 0.1, "warmup_epochs": 0.25,
                 "randaugment": "rand-m5-n1", "drop_rate": 0.1, "drop_path_rate": 0.1,
-                "ema_decay": 0.999},
+                "ema_decay": 0.999, "init": "scratch"},
     "pseudo": {"mode": "soft"},
     "select": {"threshold": 0.3, "balance": True},
 }  # fmt: skip
@@ -190,7 +193,8 @@ def targets(rows: list[dict]) -> dict:
     the ablations point the paper's way (noise on > off; larger student > equal)."""
     top = {r["name"]: r["test_top1"] for r in rows}
     out: dict = {}
-    final = next((n for n in reversed(ITERS[1:]) if n in top), "ns_iter1")
+    iters = sorted((n for n in top if n.startswith("ns_iter")), key=lambda n: int(n[7:]))
+    final = iters[-1] if iters else "ns_iter1"
     if final in top and "teacher" in top:
         out["student_minus_teacher"] = round(top[final] - top["teacher"], 2)
     if final in top and "supervised_control" in top:
@@ -219,7 +223,12 @@ def write(rows: list[dict], args: argparse.Namespace, t_all: float) -> None:
         old = json.loads(prev.read_text())
         mine = {r["name"] for r in rows}
         rows = [r for r in old.get("rows", []) if r["name"] not in mine] + rows
-        order = ["teacher", "supervised_control", *ITERS[1:], "upper_bound"]
+        order = [
+            "teacher",
+            "supervised_control",
+            *[f"ns_iter{i}" for i in range(1, 10)],
+            "upper_bound",
+        ]
         rows.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
         result["rows"] = rows
         result["commands"] = sorted(
@@ -253,15 +262,34 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_TAR)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument(
+        "--models",
+        type=lambda v: v.split(","),
+        default=MODELS,
+        help="comma-separated teacher,student1,... (default: the recipe's)",
+    )
+    ap.add_argument(
+        "--init",
+        choices=["scratch", "teacher", "auto"],
+        default=BASE["student"]["init"],
+        help="student.init (default: the recipe's; auto: from the teacher where equal in size)",
+    )
     args = ap.parse_args()
-    if args.ratio != BASE["student"]["ratio"] and args.rows != "main":
-        ap.error("--ratio reruns the main rows only; the ablations compare with the default ratio")
-    paths = prepare(args.data, args.cache, args.quick)
     variant = "" if args.ratio == BASE["student"]["ratio"] else f"_ratio{args.ratio}"
+    if args.models != MODELS:
+        variant += "_" + "-".join(m.replace("cifar_resnet", "r") for m in args.models)
+    if args.init != BASE["student"]["init"]:
+        variant += f"_init-{args.init}"
+    if variant and args.rows != "main":
+        ap.error("--ratio/--models/--init rerun the main rows only; the ablations use the recipe")
+    if len(args.models) < 2:
+        ap.error("--models needs a teacher and at least one student")
+    paths = prepare(args.data, args.cache, args.quick)
     args.name = ("cifar10_4k_quick" if args.quick else "cifar10_4k") + variant
     work = args.cache / (("runs-quick" if args.quick else "runs") + variant.replace("_", "-"))
     s = BASE["student"]
-    base = merge(BASE, {"student": {"ratio": args.ratio, "epochs": ratio_epochs(s, args.ratio)}})
+    base = merge(BASE, {"student": {"ratio": args.ratio, "epochs": ratio_epochs(s, args.ratio),
+                                    "init": args.init}})  # fmt: skip
     cfg = merge(base, {"data": {k: str(paths[k]) for k in ("labeled", "unlabeled", "test")}})
     cfg["data"]["cache_dir"] = str(args.cache / "decoded")  # one uint8 decode cache for all rows
     if args.quick:
@@ -272,25 +300,27 @@ def main() -> None:
         rows.append(row(name, it, wall))
         write(rows, args, t_all)  # after every row: a stopped command keeps what it measured
 
-    ns, wall = run("ns", merge(cfg, {"models": MODELS}), work)
+    models = args.models
+    iters = ["teacher"] + [f"ns_iter{i}" for i in range(1, len(models))]
+    ns, wall = run("ns", merge(cfg, {"models": models}), work)
     ns_dir = work / "ns" / "run"
-    for it, name in zip(ns["iterations"], ITERS, strict=False):
+    for it, name in zip(ns["iterations"], iters, strict=False):
         add(name, it, wall)
     if args.rows in ("main", "all"):
-        steps = student_steps(ns_dir, cfg, len(MODELS) - 1)
+        steps = student_steps(ns_dir, cfg, len(models) - 1)
         ctrl, w = run(
             "supervised_control",
-            supervised_like_student(cfg, MODELS[-1], paths["labeled"], 4000, steps),
+            supervised_like_student(cfg, models[-1], paths["labeled"], 4000, steps),
             work,
         )
         add("supervised_control", ctrl["iterations"][0], w)
         n_all = 50000 if not args.quick else 4000
-        up_cfg = supervised_like_student(cfg, MODELS[-1], paths["all"], n_all, steps)
+        up_cfg = supervised_like_student(cfg, models[-1], paths["all"], n_all, steps)
         up, w = run("upper_bound", up_cfg, work)
         add("upper_bound", up["iterations"][0], w)
     if args.rows in ("ablations", "all"):
         one = merge(cfg, {"models": MODELS[:2]})
-        same = merge(cfg, {"models": [MODELS[0], MODELS[0]]})
+        same = merge(cfg, {"models": [MODELS[0], MODELS[0]], "student": {"init": "scratch"}})
         ablations = {
             "no_noise": merge(one, {"student": {"randaugment": None, "drop_rate": 0.0, "drop_path_rate": 0.0}}),
             "equal_size": same,

@@ -56,7 +56,9 @@ class TrainConfig:
     drop_path_rate: float | None = None  # stochastic depth at the last block; None: model default
     ratio: int = 3  # student only: unlabeled batch = ratio x labeled batch, one forward pass
     unlabeled_weight: float | None = None  # student only: weight of the unlabeled loss; None: ratio
-    init: str = "scratch"  # student only: "scratch" (paper default) or "teacher"
+    # student only: "scratch" (paper default), "teacher" (its teacher's weights: same
+    # architecture only) or "auto" (teacher where the architectures match, else scratch)
+    init: str = "scratch"
     checkpoint_every_steps: int = 500  # also at every epoch end; a kill loses at most this many
     # weight EMA used for evaluation and as the next teacher (reference code: 0.9999 at ImageNet
     # scale); None: off. timm's ModelEmaV3 with warm-up, so short runs are not stuck at init.
@@ -198,7 +200,7 @@ CHOICES = {
     "teacher.optimizer": ("sgd", "adamw"),
     "student.optimizer": ("sgd", "adamw"),
     "teacher.init": ("scratch", "teacher"),
-    "student.init": ("scratch", "teacher"),
+    "student.init": ("scratch", "teacher", "auto"),
     "pseudo.mode": ("soft", "hard"),
     "teacher.randaugment_semantics": ("reference", "timm"),
     "student.randaugment_semantics": ("reference", "timm"),

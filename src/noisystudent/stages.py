@@ -297,7 +297,13 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int) -> None:
             aug,
         )
         inputs = [sel_dir / "selected.safetensors", run.iter_dir(i - 1) / "pseudo" / "meta.json"]
-        if tc.init == "teacher":
+        # "auto": from the teacher's weights when it has the student's architecture (an
+        # equal-size iteration), else from scratch
+        init = tc.init
+        if init == "auto":
+            init = "teacher" if cfg.models[i - 1] == cfg.models[i] else "scratch"
+            run.log(stage=name, event="init", init=init)
+        if init == "teacher":
             teacher, tmeta = load_model(run, i - 1, "teacher", cfg.models[i - 1], data.classes)
             if tmeta["name"] != cfg.models[i]:
                 raise UserError(
