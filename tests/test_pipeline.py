@@ -171,3 +171,34 @@ def test_pipeline_from_index_files_file_backed(tiny_data, tmp_path):
     store = PseudoLabelStore.load(run / "iter0" / "pseudo")
     assert len(store.uids) == 48 and not (run / "cache").exists()
     assert json.loads((run / "iter0" / "pseudo" / "audit.json").read_text())["audited"] == 48
+
+
+def test_student_init_auto_starts_equal_size_students_from_their_teacher(tiny_data, tmp_path):
+    """student.init=auto: an equal-size student starts from its teacher's weights (with lr 0
+    its convolutions stay the teacher's), a larger one from scratch; both choices are logged."""
+    run = tmp_path / "run"
+    over = tiny_overrides(tiny_data, run, models="[cifar_resnet8,cifar_resnet8,cifar_resnet14]")
+    cfg = str(_write_cfg(tmp_path))
+    assert main(["run", cfg, *over, "student.init=auto", "student.lr=0", "student.epochs=1"]) == 0
+    w = [load_tensors(run / f"iter{i}" / "model.safetensors") for i in range(3)]
+    convs = [k for k, v in w[0].items() if v.dim() == 4]
+    assert convs and all(torch.equal(w[0][k], w[1][k]) for k in convs)
+    inits = [r for r in _events(run) if r.get("event") == "init"]
+    assert [(r["stage"], r["init"]) for r in inits] == [
+        ("iter1/train", "teacher"),
+        ("iter2/train", "scratch"),
+    ]
+
+
+def test_student_init_teacher_needs_the_same_architecture(tiny_data, tmp_path, capsys):
+    """Refused when the config is read, before a teacher is trained for nothing."""
+    run = tmp_path / "run"
+    over = [*tiny_overrides(tiny_data, run), "student.init=teacher"]
+    assert main(["run", str(_write_cfg(tmp_path)), *over]) == 2
+    err = capsys.readouterr().err
+    assert "student.init=teacher needs the same architecture" in err and "cifar_resnet14" in err
+    assert "student.init=auto" in err and not (run / "iter0" / "model.safetensors").exists()
+
+
+def _events(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -312,6 +312,13 @@ def _validate(cfg: Config) -> None:
                 f"config key '{key}.randaugment' must be a timm RandAugment string like "
                 f"'rand-m9-n2', got {t.randaugment!r}"
             )
+    pairs = list(zip(cfg.models, cfg.models[1:], strict=False))
+    if cfg.student.init == "teacher" and any(t != s for t, s in pairs):
+        t, s = next((t, s) for t, s in pairs if t != s)
+        raise UserError(
+            f"student.init=teacher needs the same architecture, but teacher is '{t}' and student "
+            f"'{s}'; use student.init=auto (from the teacher only where they match) or scratch"
+        )
     if not 0.0 <= cfg.select.threshold <= 1.0:
         raise UserError("config key 'select.threshold' must be in [0, 1]")
     if cfg.pseudo.temperature <= 0:
