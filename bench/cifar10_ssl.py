@@ -26,7 +26,10 @@ as many images; the control and upper bound matched to that batch) into its own 
 and bench/results/cifar10_4k_ratio<R>.{json,md}; the ablations compare with the default.
 `--models` and `--init` likewise rerun the main rows with another model chain or student.init
 (e.g. `--models cifar_resnet8,cifar_resnet8,cifar_resnet8 --init auto`: equal-size iterations,
-each student starting from its teacher), into cifar10_4k_r8-r8-r8_init-auto.{json,md}. `--quick` is a
+each student starting from its teacher), into cifar10_4k_r8-r8-r8_init-auto.{json,md}.
+`--control-x K` adds the row supervised_control_xK: the control with K times the steps (a
+student initialised from its teacher carries that teacher's training; this row shows whether
+the control would gain as much from more steps alone). Re-running a command resumes its rows. `--quick` is a
 smoke run (1,000 unlabeled images, a 2,000-image test subset, 1-2 epochs) for the slow tests.
 """
 
@@ -226,6 +229,7 @@ def write(rows: list[dict], args: argparse.Namespace, t_all: float) -> None:
         order = [
             "teacher",
             "supervised_control",
+            *[f"supervised_control_x{k}" for k in range(2, 10)],
             *[f"ns_iter{i}" for i in range(1, 10)],
             "upper_bound",
         ]
@@ -274,6 +278,13 @@ def main() -> None:
         default=BASE["student"]["init"],
         help="student.init (default: the recipe's; auto: from the teacher where equal in size)",
     )
+    ap.add_argument(
+        "--control-x",
+        type=int,
+        default=1,
+        help="K >= 2: also a row supervised_control_xK, the control trained K times the steps "
+        "(a student initialised from its teacher inherits its training)",
+    )
     args = ap.parse_args()
     variant = "" if args.ratio == BASE["student"]["ratio"] else f"_ratio{args.ratio}"
     if args.models != MODELS:
@@ -282,6 +293,8 @@ def main() -> None:
         variant += f"_init-{args.init}"
     if variant and args.rows != "main":
         ap.error("--ratio/--models/--init rerun the main rows only; the ablations use the recipe")
+    if args.control_x > 1 and args.rows == "ablations":
+        ap.error("--control-x adds a main row; use it with --rows main or all")
     if len(args.models) < 2:
         ap.error("--models needs a teacher and at least one student")
     paths = prepare(args.data, args.cache, args.quick)
@@ -314,6 +327,13 @@ def main() -> None:
             work,
         )
         add("supervised_control", ctrl["iterations"][0], w)
+        if args.control_x > 1:  # is the control saturated, or would more steps close the gap?
+            name = f"supervised_control_x{args.control_x}"
+            longer = supervised_like_student(
+                cfg, models[-1], paths["labeled"], 4000, steps * args.control_x
+            )
+            c, w = run(name, longer, work)
+            add(name, c["iterations"][0], w)
         n_all = 50000 if not args.quick else 4000
         up_cfg = supervised_like_student(cfg, models[-1], paths["all"], n_all, steps)
         up, w = run("upper_bound", up_cfg, work)

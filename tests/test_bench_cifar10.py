@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,3 +56,45 @@ def test_quick_benchmark_writes_every_row(tmp_path):
     assert len(res["commands"]) == 2
     table = (out / "cifar10_4k_quick.md").read_text()
     assert all(f"| {n} |" in table for n in want)
+
+
+@pytest.mark.slow
+def test_quick_benchmark_variant_chain_and_longer_control(tmp_path):
+    """--models/--init rerun the main rows into their own files; --control-x 2 adds a control
+    with twice the steps."""
+    _archive(tmp_path / "tiny.tar.gz")
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    cmd = [sys.executable, str(ROOT / "bench" / "cifar10_ssl.py"), "--quick", "--data",
+           str(tmp_path / "tiny.tar.gz"), "--cache", str(cache), "--out", str(out), "--rows", "main",
+           "--models", "cifar_resnet8,cifar_resnet8", "--init", "auto", "--control-x", "2"]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=tmp_path, timeout=1500)
+    res = json.loads((out / "cifar10_4k_quick_r8-r8_init-auto.json").read_text())
+    names = [r["name"] for r in res["rows"]]
+    assert names == [
+        "teacher",
+        "supervised_control",
+        "supervised_control_x2",
+        "ns_iter1",
+        "upper_bound",
+    ]
+    assert {r["model"] for r in res["rows"]} == {"cifar_resnet8"}
+    assert res["student_minus_control"] == round(
+        res["rows"][3]["test_top1"] - res["rows"][1]["test_top1"], 2
+    )
+    work = cache / "runs-quick-r8-r8-init-auto"
+    epochs = [yaml.safe_load((work / d / "bench.yaml").read_text())["teacher"]["epochs"]
+              for d in ("supervised_control", "supervised_control_x2")]  # fmt: skip
+    assert epochs[1] >= 2 * epochs[0] - 1
+    events = [
+        json.loads(x) for x in (work / "ns" / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert {"stage": "iter1/train", "init": "teacher"} in [
+        {k: e[k] for k in ("stage", "init")} for e in events if e.get("event") == "init"
+    ]
+    for extra, msg in (
+        (["--control-x", "2"], "--rows main or all"),
+        (cmd[-6:-2], "main rows only"),
+    ):
+        bad = [*cmd[:9], "--rows", "ablations", *extra]  # refused before any work
+        p = subprocess.run(bad, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and msg in p.stderr, p.stderr
