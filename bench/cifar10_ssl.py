@@ -2,6 +2,7 @@
 
     python bench/cifar10_ssl.py [--rows main|ablations|all] [--quick] [--ratio R]
                                 [--models M0,M1,...] [--init scratch|teacher|auto]
+                                [--control-x K] [--labels-per-class N] [--no-upper-bound]
                                 [--data TAR] [--cache DIR]
 
 Protocol: 400 labels per class from train/ (seed 0, `noisystudent split`), the other 46,000
@@ -29,8 +30,12 @@ and bench/results/cifar10_4k_ratio<R>.{json,md}; the ablations compare with the 
 each student starting from its teacher), into cifar10_4k_r8-r8-r8_init-auto.{json,md}.
 `--control-x K` adds the row supervised_control_xK: the control with K times the steps (a
 student initialised from its teacher carries that teacher's training; this row shows whether
-the control would gain as much from more steps alone). Re-running a command resumes its rows. `--quick` is a
-smoke run (1,000 unlabeled images, a 2,000-image test subset, 1-2 epochs) for the slow tests.
+the control would gain as much from more steps alone). `--labels-per-class N` reruns the main
+rows on another split (N labels a class, seed 0; e.g. 100 -> cifar10_1k_<variant>.{json,md}),
+to see how the gain over the control depends on how scarce the labels are at a fixed budget;
+`--no-upper-bound` skips the upper bound (it does not depend on the label count). Re-running a
+command resumes its rows. `--quick` is a smoke run (1,000 unlabeled images, a 2,000-image test
+subset, 1-2 epochs) for the slow tests.
 """
 
 from __future__ import annotations
@@ -91,8 +96,9 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
-def prepare(tar: Path, cache: Path, quick: bool) -> dict[str, Path]:
-    """Extract the JPEG class folders once, then split 400 labels per class with the CLI."""
+def prepare(tar: Path, cache: Path, quick: bool, per_class: int = 400) -> dict[str, Path]:
+    """Extract the JPEG class folders once, then split `per_class` labels per class with the
+    CLI (400: the CIFAR-10-4k protocol)."""
     if not (cache / "train").is_dir():
         if not tar.is_file():
             sys.exit(f"cifar10_ssl: data archive '{tar}' not found; pass --data")
@@ -103,13 +109,14 @@ def prepare(tar: Path, cache: Path, quick: bool) -> dict[str, Path]:
         for d in inner:  # archive with a top folder: lift train/ and test/
             for sub in ("train", "test"):
                 shutil.move(str(d / sub), cache / sub)
-    split = cache / "split4k"
+    split = cache / ("split4k" if per_class == 400 else f"split{per_class}pc")
     if not (split / "labeled.tsv").is_file():
-        cli("split", str(cache / "train"), str(split), "--labels-per-class", "400", "--seed", "0")
+        cli("split", str(cache / "train"), str(split), "--labels-per-class", str(per_class),
+            "--seed", "0")  # fmt: skip
     paths = {"labeled": split / "labeled.tsv", "unlabeled": split / "unlabeled.tsv",
              "test": cache / "test", "all": cache / "train"}  # fmt: skip
     if quick:  # a fixed small unlabeled subset and test subset (first lines / files)
-        q = cache / "quick"
+        q = cache / ("quick" if per_class == 400 else f"quick{per_class}pc")
         if not (q / "unlabeled.tsv").is_file():
             q.mkdir(parents=True, exist_ok=True)
             lines = (split / "unlabeled.tsv").read_text().splitlines()
@@ -263,6 +270,18 @@ def main() -> None:
         default=BASE["student"]["ratio"],
         help="unlabeled:labeled ratio of the students (default: the recipe's)",
     )
+    ap.add_argument(
+        "--labels-per-class",
+        type=int,
+        default=400,
+        help="labels per class (default 400: CIFAR-10-4k); another count reruns the main rows "
+        "into cifar10_<N>_... files, e.g. 100 -> cifar10_1k",
+    )
+    ap.add_argument(
+        "--no-upper-bound",
+        action="store_true",
+        help="skip the upper_bound row (it does not depend on the label count)",
+    )
     ap.add_argument("--data", type=Path, default=DEFAULT_TAR)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -291,14 +310,24 @@ def main() -> None:
         variant += "_" + "-".join(m.replace("cifar_resnet", "r") for m in args.models)
     if args.init != BASE["student"]["init"]:
         variant += f"_init-{args.init}"
+    if not 1 <= args.labels_per_class < 5000:
+        ap.error("--labels-per-class must be in 1..4999 (CIFAR-10 has 5,000 train images a class)")
+    n_labels = 10 * args.labels_per_class
+    tag = f"{n_labels // 1000}k" if n_labels % 1000 == 0 else str(n_labels)
+    if args.labels_per_class != 400:
+        variant = f"_labels{tag}" + variant
     if variant and args.rows != "main":
-        ap.error("--ratio/--models/--init rerun the main rows only; the ablations use the recipe")
+        ap.error(
+            "--ratio/--models/--init/--labels-per-class rerun the main rows only; "
+            "the ablations use the recipe"
+        )
     if args.control_x > 1 and args.rows == "ablations":
         ap.error("--control-x adds a main row; use it with --rows main or all")
     if len(args.models) < 2:
         ap.error("--models needs a teacher and at least one student")
-    paths = prepare(args.data, args.cache, args.quick)
-    args.name = ("cifar10_4k_quick" if args.quick else "cifar10_4k") + variant
+    paths = prepare(args.data, args.cache, args.quick, args.labels_per_class)
+    name = f"cifar10_{tag}" + ("_quick" if args.quick else "")
+    args.name = name + variant.replace(f"_labels{tag}", "")
     work = args.cache / (("runs-quick" if args.quick else "runs") + variant.replace("_", "-"))
     s = BASE["student"]
     base = merge(BASE, {"student": {"ratio": args.ratio, "epochs": ratio_epochs(s, args.ratio),
@@ -323,17 +352,18 @@ def main() -> None:
         steps = student_steps(ns_dir, cfg, len(models) - 1)
         ctrl, w = run(
             "supervised_control",
-            supervised_like_student(cfg, models[-1], paths["labeled"], 4000, steps),
+            supervised_like_student(cfg, models[-1], paths["labeled"], n_labels, steps),
             work,
         )
         add("supervised_control", ctrl["iterations"][0], w)
         if args.control_x > 1:  # is the control saturated, or would more steps close the gap?
             name = f"supervised_control_x{args.control_x}"
             longer = supervised_like_student(
-                cfg, models[-1], paths["labeled"], 4000, steps * args.control_x
+                cfg, models[-1], paths["labeled"], n_labels, steps * args.control_x
             )
             c, w = run(name, longer, work)
             add(name, c["iterations"][0], w)
+    if args.rows in ("main", "all") and not args.no_upper_bound:
         n_all = 50000 if not args.quick else 4000
         up_cfg = supervised_like_student(cfg, models[-1], paths["all"], n_all, steps)
         up, w = run("upper_bound", up_cfg, work)

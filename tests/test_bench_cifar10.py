@@ -98,3 +98,44 @@ def test_quick_benchmark_variant_chain_and_longer_control(tmp_path):
         bad = [*cmd[:9], "--rows", "ablations", *extra]  # refused before any work
         p = subprocess.run(bad, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and msg in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+def test_quick_benchmark_other_label_count(tmp_path):
+    """--labels-per-class reruns the main rows on another split (its own split folder, files
+    and work folder); the control trains on that split's labels; --no-upper-bound skips the row
+    that does not depend on the label count."""
+    _archive(tmp_path / "tiny.tar.gz")
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    cmd = [sys.executable, str(ROOT / "bench" / "cifar10_ssl.py"), "--quick", "--data",
+           str(tmp_path / "tiny.tar.gz"), "--cache", str(cache), "--out", str(out), "--rows", "main",
+           "--models", "cifar_resnet8,cifar_resnet8", "--labels-per-class", "100",
+           "--no-upper-bound"]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=tmp_path, timeout=1500)
+    res = json.loads((out / "cifar10_1k_quick_r8-r8.json").read_text())
+    assert [r["name"] for r in res["rows"]] == ["teacher", "supervised_control", "ns_iter1"]
+    assert "gap_closed" not in res and "student_minus_control" in res
+    labeled = cache / "split100pc" / "labeled.tsv"
+    rows = [x for x in labeled.read_text().splitlines() if x.strip() and not x.startswith("#")]
+    assert len(rows) == 1000
+    ctrl = yaml.safe_load(
+        (cache / "runs-quick-labels1k-r8-r8" / "supervised_control" / "bench.yaml").read_text()
+    )
+    assert ctrl["data"]["labeled"] == str(labeled)
+    assert not (out / "cifar10_4k_quick_r8-r8.json").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, msg",
+    [
+        (["--labels-per-class", "5000"], "--labels-per-class must be in 1..4999"),
+        (["--labels-per-class", "100", "--rows", "ablations"], "main rows only"),
+    ],
+)
+def test_benchmark_refuses_bad_label_counts(tmp_path, extra, msg):
+    """Refused in one line before any data is touched (the archive path does not exist)."""
+    cmd = [sys.executable, str(ROOT / "bench" / "cifar10_ssl.py"), "--data",
+           str(tmp_path / "none.tar.gz"), "--cache", str(tmp_path / "c"), *extra]  # fmt: skip
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and msg in p.stderr, p.stderr
+    assert not (tmp_path / "c").exists()
