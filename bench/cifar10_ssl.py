@@ -212,6 +212,10 @@ def targets(rows: list[dict]) -> dict:
     if {final, "teacher", "upper_bound"} <= set(top):  # None: no gap (upper bound = teacher)
         room = top["upper_bound"] - top["teacher"]
         out["gap_closed"] = round((top[final] - top["teacher"]) / room, 3) if room else None
+    if {"ns_from_control", "supervised_control"} <= set(top):
+        out["from_control_minus_control"] = round(
+            top["ns_from_control"] - top["supervised_control"], 2
+        )
     if {"ns_iter1", "ablation_no_noise"} <= set(top):
         out["noise_on_minus_off"] = round(top["ns_iter1"] - top["ablation_no_noise"], 2)
     if {"ns_iter1", "ablation_equal_size"} <= set(top):
@@ -238,6 +242,7 @@ def write(rows: list[dict], args: argparse.Namespace, t_all: float) -> None:
             "supervised_control",
             *[f"supervised_control_x{k}" for k in range(2, 10)],
             *[f"ns_iter{i}" for i in range(1, 10)],
+            "ns_from_control",
             "upper_bound",
         ]
         rows.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
@@ -281,6 +286,12 @@ def main() -> None:
         "--no-upper-bound",
         action="store_true",
         help="skip the upper_bound row (it does not depend on the label count)",
+    )
+    ap.add_argument(
+        "--teacher-from-control",
+        action="store_true",
+        help="also a row ns_from_control: one equal-size student taught by the supervised "
+        "control (the final model with the student's noise and budget) instead of the chain",
     )
     ap.add_argument("--data", type=Path, default=DEFAULT_TAR)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -350,12 +361,15 @@ def main() -> None:
         add(name, it, wall)
     if args.rows in ("main", "all"):
         steps = student_steps(ns_dir, cfg, len(models) - 1)
-        ctrl, w = run(
-            "supervised_control",
-            supervised_like_student(cfg, models[-1], paths["labeled"], n_labels, steps),
-            work,
-        )
+        ctrl_cfg = supervised_like_student(cfg, models[-1], paths["labeled"], n_labels, steps)
+        ctrl, w = run("supervised_control", ctrl_cfg, work)
         add("supervised_control", ctrl["iterations"][0], w)
+        if args.teacher_from_control:  # the best supervised model at this budget as the teacher
+            m = models[-1]
+            reuse_teacher(work / "supervised_control" / "run", work / "ns_from_control", False)
+            c = merge(cfg, {"models": [m, m], "teacher": ctrl_cfg["teacher"]})
+            st, w = run("ns_from_control", c, work)
+            add("ns_from_control", st["iterations"][-1], w)
         if args.control_x > 1:  # is the control saturated, or would more steps close the gap?
             name = f"supervised_control_x{args.control_x}"
             longer = supervised_like_student(

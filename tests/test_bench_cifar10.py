@@ -104,17 +104,27 @@ def test_quick_benchmark_variant_chain_and_longer_control(tmp_path):
 def test_quick_benchmark_other_label_count(tmp_path):
     """--labels-per-class reruns the main rows on another split (its own split folder, files
     and work folder); the control trains on that split's labels; --no-upper-bound skips the row
-    that does not depend on the label count."""
+    that does not depend on the label count; --teacher-from-control adds a student taught by the
+    supervised control."""
     _archive(tmp_path / "tiny.tar.gz")
     out, cache = tmp_path / "results", tmp_path / "cache"
     cmd = [sys.executable, str(ROOT / "bench" / "cifar10_ssl.py"), "--quick", "--data",
            str(tmp_path / "tiny.tar.gz"), "--cache", str(cache), "--out", str(out), "--rows", "main",
            "--models", "cifar_resnet8,cifar_resnet8", "--labels-per-class", "100",
-           "--no-upper-bound"]  # fmt: skip
+           "--no-upper-bound", "--teacher-from-control"]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=tmp_path, timeout=1500)
     res = json.loads((out / "cifar10_1k_quick_r8-r8.json").read_text())
-    assert [r["name"] for r in res["rows"]] == ["teacher", "supervised_control", "ns_iter1"]
+    names = [r["name"] for r in res["rows"]]
+    assert names == ["teacher", "supervised_control", "ns_iter1", "ns_from_control"]
     assert "gap_closed" not in res and "student_minus_control" in res
+    by = {r["name"]: r for r in res["rows"]}
+    assert res["from_control_minus_control"] == round(
+        by["ns_from_control"]["test_top1"] - by["supervised_control"]["test_top1"], 2
+    )
+    fc = cache / "runs-quick-labels1k-r8-r8" / "ns_from_control" / "run"
+    teacher = json.loads((fc / "summary.json").read_text())["iterations"][0]
+    assert teacher["test_top1"] == by["supervised_control"]["test_top1"]  # the control, reused
+    assert by["ns_from_control"]["pseudo_label_acc"] is not None
     labeled = cache / "split100pc" / "labeled.tsv"
     rows = [x for x in labeled.read_text().splitlines() if x.strip() and not x.startswith("#")]
     assert len(rows) == 1000
