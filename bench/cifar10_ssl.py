@@ -3,6 +3,7 @@
     python bench/cifar10_ssl.py [--rows main|ablations|all] [--quick] [--ratio R]
                                 [--models M0,M1,...] [--init scratch|teacher|auto]
                                 [--control-x K] [--labels-per-class N] [--no-upper-bound]
+                                [--teacher-from-control]
                                 [--data TAR] [--cache DIR]
 
 Protocol: 400 labels per class from train/ (seed 0, `noisystudent split`), the other 46,000
@@ -33,7 +34,9 @@ student initialised from its teacher carries that teacher's training; this row s
 the control would gain as much from more steps alone). `--labels-per-class N` reruns the main
 rows on another split (N labels a class, seed 0; e.g. 100 -> cifar10_1k_<variant>.{json,md}),
 to see how the gain over the control depends on how scarce the labels are at a fixed budget;
-`--no-upper-bound` skips the upper bound (it does not depend on the label count). Re-running a
+`--no-upper-bound` skips the upper bound (it does not depend on the label count).
+`--teacher-from-control` adds the row ns_from_control: an equal-size student (the final
+model) taught by the supervised control, reused as its iteration-0 teacher. Re-running a
 command resumes its rows. `--quick` is a smoke run (1,000 unlabeled images, a 2,000-image test
 subset, 1-2 epochs) for the slow tests.
 """
