@@ -89,6 +89,7 @@ BASE = {
     "pseudo": {"mode": "soft"},
     "select": {"threshold": 0.3, "balance": True},
 }  # fmt: skip
+PER_CLASS = 400  # the CIFAR-10-4k protocol; --labels-per-class reruns the main rows at another
 QUICK = {"teacher": {"epochs": 2}, "student": {"epochs": 1}}
 
 
@@ -99,9 +100,9 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
-def prepare(tar: Path, cache: Path, quick: bool, per_class: int = 400) -> dict[str, Path]:
+def prepare(tar: Path, cache: Path, quick: bool, per_class: int = PER_CLASS) -> dict[str, Path]:
     """Extract the JPEG class folders once, then split `per_class` labels per class with the
-    CLI (400: the CIFAR-10-4k protocol)."""
+    CLI (folders split4k and quick for the protocol's 400, split<N>pc and quick<N>pc else)."""
     if not (cache / "train").is_dir():
         if not tar.is_file():
             sys.exit(f"cifar10_ssl: data archive '{tar}' not found; pass --data")
@@ -112,14 +113,15 @@ def prepare(tar: Path, cache: Path, quick: bool, per_class: int = 400) -> dict[s
         for d in inner:  # archive with a top folder: lift train/ and test/
             for sub in ("train", "test"):
                 shutil.move(str(d / sub), cache / sub)
-    split = cache / ("split4k" if per_class == 400 else f"split{per_class}pc")
+    suffix = "" if per_class == PER_CLASS else f"{per_class}pc"
+    split = cache / (f"split{per_class}pc" if suffix else "split4k")
     if not (split / "labeled.tsv").is_file():
         cli("split", str(cache / "train"), str(split), "--labels-per-class", str(per_class),
             "--seed", "0")  # fmt: skip
     paths = {"labeled": split / "labeled.tsv", "unlabeled": split / "unlabeled.tsv",
              "test": cache / "test", "all": cache / "train"}  # fmt: skip
     if quick:  # a fixed small unlabeled subset and test subset (first lines / files)
-        q = cache / ("quick" if per_class == 400 else f"quick{per_class}pc")
+        q = cache / f"quick{suffix}"
         if not (q / "unlabeled.tsv").is_file():
             q.mkdir(parents=True, exist_ok=True)
             lines = (split / "unlabeled.tsv").read_text().splitlines()
@@ -281,7 +283,7 @@ def main() -> None:
     ap.add_argument(
         "--labels-per-class",
         type=int,
-        default=400,
+        default=PER_CLASS,
         help="labels per class (default 400: CIFAR-10-4k); another count reruns the main rows "
         "into cifar10_<N>_... files, e.g. 100 -> cifar10_1k",
     )
@@ -328,9 +330,8 @@ def main() -> None:
         ap.error("--labels-per-class must be in 1..4999 (CIFAR-10 has 5,000 train images a class)")
     n_labels = 10 * args.labels_per_class
     tag = f"{n_labels // 1000}k" if n_labels % 1000 == 0 else str(n_labels)
-    if args.labels_per_class != 400:
-        variant = f"_labels{tag}" + variant
-    if variant and args.rows != "main":
+    other_labels = args.labels_per_class != PER_CLASS
+    if (variant or other_labels) and args.rows != "main":
         ap.error(
             "--ratio/--models/--init/--labels-per-class rerun the main rows only; "
             "the ablations use the recipe"
@@ -340,9 +341,12 @@ def main() -> None:
     if len(args.models) < 2:
         ap.error("--models needs a teacher and at least one student")
     paths = prepare(args.data, args.cache, args.quick, args.labels_per_class)
-    name = f"cifar10_{tag}" + ("_quick" if args.quick else "")
-    args.name = name + variant.replace(f"_labels{tag}", "")
-    work = args.cache / (("runs-quick" if args.quick else "runs") + variant.replace("_", "-"))
+    args.name = f"cifar10_{tag}" + ("_quick" if args.quick else "") + variant
+    work = args.cache / (
+        ("runs-quick" if args.quick else "runs")
+        + (f"-labels{tag}" if other_labels else "")
+        + variant.replace("_", "-")
+    )
     s = BASE["student"]
     base = merge(BASE, {"student": {"ratio": args.ratio, "epochs": ratio_epochs(s, args.ratio),
                                     "init": args.init}})  # fmt: skip
@@ -382,11 +386,11 @@ def main() -> None:
             )
             c, w = run(name, longer, work)
             add(name, c["iterations"][0], w)
-    if args.rows in ("main", "all") and not args.no_upper_bound:
-        n_all = 50000 if not args.quick else 4000
-        up_cfg = supervised_like_student(cfg, models[-1], paths["all"], n_all, steps)
-        up, w = run("upper_bound", up_cfg, work)
-        add("upper_bound", up["iterations"][0], w)
+        if not args.no_upper_bound:
+            n_all = 50000 if not args.quick else 4000
+            up_cfg = supervised_like_student(cfg, models[-1], paths["all"], n_all, steps)
+            up, w = run("upper_bound", up_cfg, work)
+            add("upper_bound", up["iterations"][0], w)
     if args.rows in ("ablations", "all"):
         one = merge(cfg, {"models": MODELS[:2]})
         same = merge(cfg, {"models": [MODELS[0], MODELS[0]], "student": {"init": "scratch"}})
