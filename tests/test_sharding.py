@@ -22,6 +22,7 @@ def test_only_the_missing_shard_is_relabeled(tiny_data, tmp_path, capsys):
     root = run / "iter0" / "pseudo"
     ref = PseudoLabelStore.load(root)
     assert [s["count"] for s in ref.meta["shards"]] == [16, 16, 16, 12]
+    assert ref.index.tolist() == list(range(60))  # each row's position in the unlabeled set
     before = {f.name: f.stat().st_mtime_ns for f in root.glob("shard-*")}
     # lose shard 2's output (and the stage's "done")
     (root / "shard-00002.safetensors").unlink()
@@ -34,6 +35,7 @@ def test_only_the_missing_shard_is_relabeled(tiny_data, tmp_path, capsys):
     assert changed == ["shard-00002.safetensors", "shard-00002.uids"]
     got = PseudoLabelStore.load(root)
     assert got.uids == ref.uids and (got.topk_prob == ref.topk_prob).all()
+    assert (got.index == ref.index).all()
 
     # a shard written by another teacher is refused, not mixed in
     m = json.loads((run / "manifest.json").read_text())
@@ -45,7 +47,7 @@ def test_only_the_missing_shard_is_relabeled(tiny_data, tmp_path, capsys):
     from noisystudent.store import write_shard
 
     write_shard(root, 1, 16, torch.ones(16, 3) / 3, torch.zeros(16, 3, dtype=torch.long),
-                ["x"] * 16, 3, {"teacher_sha256": "0" * 64, "data_fingerprint": "f", "k": "3",
+                torch.arange(16, 32), ["x"] * 16, 3, {"teacher_sha256": "0" * 64, "data_fingerprint": "f", "k": "3",
                                "temperature": "1.0", "rows_in_range": "16"})  # fmt: skip
     capsys.readouterr()
     assert main(["pseudo-label", str(cfg), *over]) == 2

@@ -88,6 +88,84 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# command-line options that are config keys: (argparse dest, config key)
+FLAG_KEYS = {
+    "robustness": [
+        ("subset", "robustness.subset"),
+        ("reference", "robustness.reference"),
+        ("hard_dir", "robustness.hard_dir"),
+        ("seed", "robustness.seed"),
+        ("table", "robustness.table"),
+    ],  # fmt: skip
+}
+
+
+def _config(args: argparse.Namespace):
+    flags = {key: getattr(args, dest) for dest, key in FLAG_KEYS.get(args.cmd, [])
+             if getattr(args, dest, None) is not None}  # fmt: skip
+    if args.cmd == "demo":
+        return load_config(None, args.overrides, base=DEMO_CONFIG, flags=flags)
+    return load_config(args.config, args.overrides, flags=flags)
+
+
+def _split(args: argparse.Namespace) -> None:
+    from .data import split_dataset
+
+    info = split_dataset(args.src, args.out, args.labels_per_class, args.seed)
+    print(
+        f"wrote {args.out}/labeled.tsv ({info['labeled']} images) and {args.out}/unlabeled.tsv "
+        f"({info['unlabeled']} images); use them as data.labeled and data.unlabeled"
+    )
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .report import build_report
+
+    rep = build_report(args.run_dir)
+    for problem in rep.problems:
+        print(f"noisystudent: warning: report section {problem}", file=sys.stderr)
+    print(f"wrote {rep.path}")
+
+
+def _run(args: argparse.Namespace) -> None:
+    from .pipeline import run_pipeline
+
+    cfg = _config(args)
+    summary = run_pipeline(cfg)
+    if args.cmd == "demo" and summary:  # empty on torchrun ranks other than 0
+        from .rundir import RunLayout
+
+        path = RunLayout(cfg.run_dir).report.resolve()
+        if path.is_file():
+            print(f"open the demo's report in a browser: {path.as_uri()}")
+
+
+def _stage(args: argparse.Namespace) -> None:
+    from .pipeline import run_stage
+
+    run_stage(args.cmd, _config(args), getattr(args, "iteration", 0))
+
+
+def _robustness(args: argparse.Namespace) -> None:
+    from .pipeline import run_robustness
+
+    run_robustness(_config(args), args.iteration)
+
+
+COMMANDS = {
+    "run": _run,
+    "demo": _run,
+    "train-teacher": _stage,
+    "pseudo-label": _stage,
+    "select": _stage,
+    "train-student": _stage,
+    "evaluate": _stage,
+    "robustness": _robustness,
+    "split": _split,
+    "report": _report,
+}
+
+
 def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -96,112 +174,8 @@ def _main(argv: list[str] | None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    if args.cmd == "split":
-        from .data import split_dataset
-
-        info = split_dataset(args.src, args.out, args.labels_per_class, args.seed)
-        print(
-            f"wrote {args.out}/labeled.tsv ({info['labeled']} images) and {args.out}/unlabeled.tsv "
-            f"({info['unlabeled']} images); use them as data.labeled and data.unlabeled"
-        )
-        return 0
-
-    if args.cmd == "report":
-        from .report import build_report
-
-        rep = build_report(args.run_dir)
-        for problem in rep.problems:
-            print(f"noisystudent: warning: report section {problem}", file=sys.stderr)
-        print(f"wrote {rep.path}")
-        return 0
-
-    from .pipeline import run_pipeline
-
-    cfg = (
-        load_config(None, args.overrides, base=DEMO_CONFIG)
-        if args.cmd == "demo"
-        else load_config(args.config, args.overrides)
-    )
-    if args.cmd in ("run", "demo"):
-        summary = run_pipeline(cfg)
-        if args.cmd == "demo" and summary:  # empty on torchrun ranks other than 0
-            from .report import report_path
-
-            path = report_path(cfg.run_dir).resolve()
-            if path.is_file():
-                print(f"open the demo's report in a browser: {path.as_uri()}")
-        return 0
-
-    if args.cmd == "robustness":
-        from .robustness.stage import run_robustness
-
-        rc = cfg.robustness
-        for flag, key in (("subset", "subset"), ("reference", "reference"), ("seed", "seed")):
-            if getattr(args, flag) is not None:
-                setattr(rc, key, getattr(args, flag))
-        rc.hard_dir = args.hard_dir if args.hard_dir is not None else rc.hard_dir
-        rc.table = args.table if args.table is not None else rc.table
-        its = args.iteration
-        if its is None:
-            from pathlib import Path
-
-            root = Path(cfg.run_dir)
-            its = [
-                i for i in range(len(cfg.models)) if (root / f"iter{i}/model.safetensors").is_file()
-            ]
-            if not its:
-                raise UserError(
-                    f"no trained model in '{cfg.run_dir}'; run `noisystudent run` first"
-                )
-        from .engine import configure, resolve_device
-
-        print(configure(cfg.precision, cfg.compile, resolve_device(cfg.device)))
-        run_robustness(cfg, its)
-        return 0
-
-    from . import distributed as dist
-    from .engine import configure, resolve_device
-
-    i = getattr(args, "iteration", 0)
-    if not 0 <= i < len(cfg.models):
-        raise UserError(f"--iteration {i} is outside models[0..{len(cfg.models) - 1}]")
-    dist.init(resolve_device(cfg.device))  # joins torchrun's process group, if any
-    line = configure(cfg.precision, cfg.compile, resolve_device(cfg.device))
-    if dist.is_main():
-        print(line)
-    try:
-        _run_stage(args.cmd, cfg, i)
-    finally:
-        dist.shutdown()
+    COMMANDS[args.cmd](args)
     return 0
-
-
-def _run_stage(cmd: str, cfg, i: int) -> None:
-    """One stage. Under torchrun, training and pseudo-labeling use every rank; the other stages
-    run on rank 0 only."""
-    from . import distributed as dist
-    from . import stages
-    from .pipeline import open_run
-
-    run = open_run(cfg)
-    data = stages.load_data(cfg, run)
-    if cmd in ("select", "evaluate") and not dist.is_main():
-        return
-    if cmd == "train-teacher":
-        stages.train_stage(cfg, run, data, 0)
-    elif cmd == "train-student":
-        if i < 1:
-            raise UserError("train-student needs --iteration >= 1 (iteration 0 is the teacher)")
-        stages.train_stage(cfg, run, data, i)
-    elif cmd == "pseudo-label":
-        stages.pseudo_label_stage(cfg, run, data, i)
-    elif cmd == "select":
-        stages.select_stage(cfg, run, data, i)
-    elif cmd == "evaluate":
-        res = stages.evaluate_stage(cfg, run, data, i)
-        print(f"{cfg.models[i]}: test top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
-    if dist.is_main():
-        stages.write_summary(cfg, run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -333,16 +333,20 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     base: dict[str, Any] | None = None,
+    flags: dict[str, Any] | None = None,
 ) -> Config:
     """Build a Config: defaults, then `base` (a preset such as the demo's), then the YAML file
-    (if any), then `key=value` overrides."""
+    (if any; a run directory stands for its saved config), then `key=value` overrides, then
+    `flags` ({"robustness.subset": 100, ...}: command-line options given as config keys)."""
     cfg = Config()
     if base:
         _apply(cfg, base)
     if path is not None:
         path = Path(path)
         if path.is_dir():
-            path = path / "config.yaml"
+            from .rundir.layout import RunLayout  # a leaf module: no import cycle
+
+            path = RunLayout(path).config
         if not path.is_file():
             raise UserError(f"config file '{path}' not found; pass a YAML file or a run directory")
         try:
@@ -354,8 +358,22 @@ def load_config(
         _apply(cfg, data)
     if overrides:
         _apply(cfg, parse_overrides(overrides))
+    if flags:
+        _apply(cfg, _nest(flags))
     _validate(cfg)
     return cfg
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"a.b": 1} -> {"a": {"b": 1}}."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, last = key.split(".")
+        node = out
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return out
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

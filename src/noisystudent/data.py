@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import UserError
@@ -302,6 +303,26 @@ class IndexColumn(Sequence):
 def take(seq: Sequence, idx: np.ndarray) -> Sequence:
     """seq[idx] for a list or an IndexColumn (which stays one)."""
     return seq.take(idx) if isinstance(seq, IndexColumn) else [seq[i] for i in idx]
+
+
+def hidden_labels(images: ImageSet, idx: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(len(idx),) int64: `images.labels[idx]`, the (hidden) label of each indexed image, -1
+    where the set has none (its `labels` hold -1 for unknown). For auditing pseudo labels, e.g.
+    `hidden_labels(unlabeled, store.index)`; array indexing only, no per-image Python objects."""
+    if isinstance(idx, torch.Tensor):
+        idx = idx.detach().cpu().numpy()
+    idx = np.asarray(idx)
+    if idx.ndim != 1 or not (idx.size == 0 or np.issubdtype(idx.dtype, np.integer)):
+        raise ValueError(f"image indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
+    n = len(images.labels)
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
+        raise UserError(
+            f"image index {bad} is outside the set of {n} images: the set changed since "
+            f"these indices were made"
+        )
+    labels = np.asarray(images.labels, dtype=np.int64)
+    return torch.from_numpy(labels[idx.astype(np.int64, copy=False)])
 
 
 def read_index(path: str | Path, what: str) -> ImageSet:

@@ -8,10 +8,12 @@ Exact resume. Every source of randomness in training is a pure function of (seed
 step): the data order of each stream (`_BatchPlan`), each image's augmentation (its RNGs are
 seeded per item from its position in the plan, in whichever DataLoader worker reads it) and the
 model noise of each step (dropout, stochastic depth: the global RNG is seeded before each forward
-pass). A checkpoint therefore needs only the position (epoch, step) besides the weights, optimizer,
-scheduler, grad scaler and running meters; a resumed run repeats the uninterrupted one step for
-step, whatever `num_workers` is. RNG states are saved and restored as well, for anything that
-draws from the global generators outside that scheme.
+pass). A checkpoint (checkpoint.py) therefore needs only the position (epoch, step) besides the
+weights, optimizer, scheduler, grad scaler and running meters; a resumed run repeats the
+uninterrupted one step for step, whatever `num_workers` is.
+
+The engine knows nothing of run directories: a stage hands it a `Checkpoint`, a log callable and
+the process's `Runtime` (device, precision, compile, rank).
 """
 
 from __future__ import annotations
@@ -20,13 +22,11 @@ import copy
 import itertools
 import logging
 import math
-import os
 import random
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,129 +35,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm import tqdm
 
-from . import __version__
 from . import distributed as dist
 from .augment import ViewDataset
+from .checkpoint import Checkpoint, recipe_identity
 from .config import TrainConfig
 from .data import BadImage, ImageSet, load_rgb
 from .errors import UserError
 from .losses import soft_cross_entropy
-from .rundir import RunDir, load_state, save_state
+from .progress import bar
+from .runtime import Runtime
 
-
-# --------------------------------------------------------------------------------------------
-# device and precision
-def resolve_device(name: str) -> torch.device:
-    """`auto`: CUDA when present. Under torchrun, `auto`/`cuda` mean this rank's GPU
-    (cuda:LOCAL_RANK)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' requested but CUDA is not available; use device=cpu")
-    if name == "cuda" and dist.world_size() > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(name)
-
-
-@dataclass
-class Runtime:
-    """How this process computes (set once from the config by `configure`)."""
-
-    precision: str = "auto"  # "auto", "fp32", "bf16", "fp16"
-    compile: str = "auto"  # "auto", "on", "off" (see compile_training / compile_inference)
-
-
-RUNTIME = Runtime()
-
-# `compile: auto` thresholds, measured on the 2-core AMX CPU with cifar_resnet20 in bf16
-# (README, "Performance notes"). Inference: inductor with weight freezing (conv + BN folded,
-# weights prepacked) ran 10,000 img/s against ~4,500 eager, after ~5 s of compiling, so it pays
-# from ~40k images. Training: compiled steps were ~1.15-1.2x faster after 17-35 s of compiling
-# (warm / cold inductor cache), which pays from ~1,000 steps of a 256-image batch; 2,000 leaves
-# a margin for larger models.
-COMPILE_INFER_MIN_IMAGES = 40_000
-COMPILE_TRAIN_MIN_STEPS = 2_000
+LOG_EVERY = 50  # steps between metrics lines (and the host sync of the finite-loss check)
 
 
 def _quiet_inductor() -> None:
     """inductor's C++ toolchain check warns 'No CUDA runtime is found' on every CPU-only compile;
     that is expected here, not something for the user to act on."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-
-
-def _compile_pays(device: torch.device, work: int, minimum: int) -> bool:
-    c = RUNTIME.compile
-    return c == "on" or (c == "auto" and device.type == "cpu" and work >= minimum)
-
-
-def compile_training(device: torch.device, steps: int) -> bool:
-    return _compile_pays(device, steps, COMPILE_TRAIN_MIN_STEPS)
-
-
-def compile_inference(device: torch.device, images: int) -> bool:
-    return _compile_pays(device, images, COMPILE_INFER_MIN_IMAGES)
-
-
-def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
-    """The CPU feature flags the kernel reports (Linux); empty where there is no such file."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_model(path: str = "/proc/cpuinfo") -> str:
-    """The CPU's model name and its native bf16 flags, for benchmark records (figures differ by
-    machine, e.g. with or without AMX)."""
-    name = "unknown CPU"
-    try:
-        with open(path) as f:
-            name = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name
-            )
-    except OSError:
-        pass
-    bf16 = sorted(cpu_flags(path) & {"amx_bf16", "avx512_bf16"})
-    return f"{name} ({', '.join(bf16) or 'no native bf16'})"
-
-
-def native_bf16(device: torch.device, flags: set[str] | None = None) -> bool:
-    """Whether the device runs bf16 matrix work natively. On CPUs: AMX-BF16 or AVX512-BF16.
-    torch's `get_cpu_capability()` says only "AVX512" on an AMX CPU (Sapphire Rapids), so the
-    kernel's flags decide; the capability string is the fallback off Linux."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    flags = cpu_flags() if flags is None else flags
-    if flags:
-        return bool({"amx_bf16", "avx512_bf16"} & flags)
-    cap = torch.backends.cpu.get_cpu_capability()
-    return "AMX" in cap or "BF16" in cap
-
-
-def configure(precision: str, compile: str, device: torch.device) -> str:
-    """Set this process's precision and compile switches; returns the line to log, e.g.
-    'precision: fp32 (this CPU has no native bf16: AVX2)'."""
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError("precision=fp16 needs a CUDA device; use precision=bf16 or fp32 on CPU")
-    RUNTIME.precision, RUNTIME.compile = precision, compile
-    dt = autocast_dtype(device)
-    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt]
-    why = "forced" if precision != "auto" else "auto"
-    if precision == "auto" and dt == torch.bfloat16 and device.type == "cpu":
-        why = "auto: this CPU has native bf16 (AMX/AVX512-BF16)"
-    elif precision == "auto" and dt is None and device.type == "cpu":
-        cap = torch.backends.cpu.get_cpu_capability()
-        why = f"auto: this CPU has no native bf16 ({cap}), where bf16 runs ~10x slower"
-    elif precision == "bf16" and not native_bf16(device):
-        why = "forced; this device has no native bf16, expect it to be slow"
-    how = {"on": "on", "off": "off", "auto": "auto (long runs and large sets only)"}[compile]
-    return f"precision: {name} ({why}); channels_last (training: per family, engine.train_memory_format); compile {how}"
 
 
 def has_depthwise_conv(model: nn.Module) -> bool:
@@ -169,43 +64,18 @@ def has_depthwise_conv(model: nn.Module) -> bool:
     )
 
 
-def train_memory_format(model: nn.Module, device: torch.device) -> torch.memory_format:
+def train_memory_format(model: nn.Module, rt: Runtime) -> torch.memory_format:
     """channels_last for training, except for depthwise-conv models under bf16 on CPU: there
-    channels-first trained faster, measured on two CPUs (`bench/memory_format.py --precision
-    bf16`, efficientnet_small_b0: 75.3 vs 66.3 img/s on an AMD EPYC, 64.0 vs 59.6 on an AMX
-    Xeon), while channels_last stays faster for them in inference and for the ResNets in both."""
-    if (
-        device.type == "cpu"
-        and autocast_dtype(device) == torch.bfloat16
-        and has_depthwise_conv(model)
-    ):
+    channels-first trains faster (`bench/memory_format.py --precision bf16`; docs/method.md,
+    "Performance: precision and compile"), while channels_last stays faster for them in
+    inference and for the ResNets in both."""
+    if rt.device.type == "cpu" and rt.amp == torch.bfloat16 and has_depthwise_conv(model):
         return torch.contiguous_format
     return torch.channels_last
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, None for fp32. `auto`: bf16 where the hardware runs it natively; fp16
-    (with a grad scaler) on CUDA GPUs without bf16; else fp32.
-
-    On CPUs without AVX512-BF16/AMX, bf16 autocast is ~10x SLOWER than fp32 (measured on a
-    2-core AVX2 machine: cifar_resnet20 training 472 -> 36 img/s), so `auto` uses it only when
-    the CPU reports native support. With AMX (2-core Sapphire Rapids, channels_last, batch 256)
-    it is 2.1x faster for cifar_resnet20 training and 2.5x for inference.
-    """
-    p = RUNTIME.precision
-    if p != "auto":
-        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
-    if device.type == "cuda":
-        return torch.bfloat16 if native_bf16(device) else torch.float16
-    return torch.bfloat16 if native_bf16(device) else None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
+# --------------------------------------------------------------------------------------------
+# seeds
 def _stage_seed(seed: int, tag: str, epoch: int) -> int:
     return (
         seed * 1_000_003 + sum(ord(c) * 31**i for i, c in enumerate(tag)) + epoch * 7919
@@ -232,39 +102,6 @@ def _seed_item(s: int) -> None:
     random.seed(s)
     np.random.seed(s & 0xFFFF_FFFF)
     torch.random.default_generator.manual_seed(s)
-
-
-def _rng_state() -> dict[str, Any]:
-    st: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": _np_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _np_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss)}  # fmt: skip
-
-
-def _set_rng_state(st: dict[str, Any]) -> None:
-    random.setstate(_tuples(st["python"]))
-    n = st["numpy"]
-    np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
-    )
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _tuples(x: Any) -> Any:
-    """random.setstate wants the tuples back that a round trip may have made lists."""
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,20 +205,6 @@ class _BatchPlan:
             yield [(r, _mix(self.seed, j, off + pos)) for pos, r in enumerate(rows)]
 
 
-def _loader(ds, batch: int, shuffle: bool, seed: int, workers: int, drop_last: bool) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        ds,
-        batch_size=batch,
-        shuffle=shuffle,
-        generator=g,
-        num_workers=workers,
-        drop_last=drop_last,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
-    )
-
-
 def _array_batches(ds: ViewDataset, plan: _BatchPlan) -> Iterator:
     """Batches straight from a decoded uint8 cache (no per-image transform): one fancy index
     per batch; the NHWC array viewed as NCHW is already channels_last."""
@@ -406,50 +229,20 @@ def _plan_loader(ds: ViewDataset, plan: _BatchPlan, workers: int) -> Iterator:
 
 
 # --------------------------------------------------------------------------------------------
-# checkpoints
-CHECKPOINT_FORMAT = "noisystudent-train-state"
-CHECKPOINT_VERSION = 1
-# TrainConfig keys that may differ between a checkpoint and the run resuming it
-_RUNTIME_TRAIN_KEYS = {"checkpoint_every_steps"}
+# training
+@dataclass
+class TrainData:
+    """What one training stage learns from. labels: (N_l,) class indices of `labeled`;
+    targets: (N_u, C) soft targets of `unlabeled` (None for the supervised teacher). batch_aug:
+    noise applied to each step's whole uint8 batch on the device (batchaug), drawn from a
+    generator seeded by the step and rank."""
 
-
-def _identity(tc: TrainConfig, seed: int, tag: str, steps_per_epoch: int, n_l: int, n_u: int,
-              extra: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
-    """What a checkpoint must match to be resumed: the stage, the recipe and the data sizes."""
-    ident = {
-        "format_version": CHECKPOINT_VERSION,
-        "noisystudent_version": ".".join(__version__.split(".")[:2]),
-        "stage": tag,
-        "seed": seed,
-        "steps_per_epoch": steps_per_epoch,
-        "labeled_images": n_l,
-        "unlabeled_images": n_u,
-    }
-    ident.update({k: v for k, v in asdict(tc).items() if k not in _RUNTIME_TRAIN_KEYS})
-    ident.update(extra or {})
-    return ident
-
-
-def load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
-    """Read a training checkpoint (torch.load weights_only=True: no code can run) and refuse one
-    made for another model, class count, recipe or noisystudent version, saying what differs."""
-    st = load_state(path)
-    if not isinstance(st, dict) or st.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(
-            f"'{path}' is not a noisystudent training checkpoint; delete it to restart that stage"
-        )
-    old = st.get("identity", {})
-    diff = [
-        f"{k}={old.get(k)!r} (this run: {identity.get(k)!r})"
-        for k in sorted(set(old) | set(identity))
-        if old.get(k) != identity.get(k)
-    ]
-    if diff:
-        raise UserError(
-            f"checkpoint '{path}' was made for a different run: {', '.join(diff[:5])}; "
-            f"delete it to restart that stage, or use the settings it was made with"
-        )
-    return st
+    labeled: ViewDataset
+    labels: torch.Tensor
+    unlabeled: ViewDataset | None = None
+    targets: torch.Tensor | None = None
+    batch_aug: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    workers: int = 0
 
 
 @dataclass
@@ -461,210 +254,202 @@ class TrainResult:
     ema: nn.Module | None = None  # the weight-EMA model when tc.ema_decay is set
 
 
-def train(
-    model: nn.Module,
-    labeled: ViewDataset,
-    labels: torch.Tensor,
-    tc: TrainConfig,
-    out_dir: Path,
-    run: RunDir,
-    tag: str,
-    seed: int,
-    device: torch.device,
-    unlabeled: ViewDataset | None = None,
-    targets: torch.Tensor | None = None,
-    workers: int = 0,
-    progress: bool = True,
-    log_every: int = 50,
-    identity: dict[str, Any] | None = None,
-    extra_state: dict[str, Any] | None = None,
-    checkpoint_every: int | None = None,
-    batch_aug: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-) -> TrainResult:
-    """Train `model` in place; checkpoint to out_dir/checkpoint.pt every `checkpoint_every` steps
-    (default tc.checkpoint_every_steps; 0: epoch ends only) and at every epoch end; resume from
-    there exactly (see the module docstring).
+class _Steps:
+    """Batch sizes and step counts of one training run. Batch sizes are per rank; each rank
+    reads a disjoint 1/world of every stream. An epoch is one pass over the unlabeled set when
+    there is one (the labeled stream cycles), else one pass over the labeled set."""
 
-    labels: (N_l,) class indices of `labeled`; targets: (N_u, C) soft targets of `unlabeled`.
-    An epoch is one pass over the unlabeled set when there is one (the labeled stream cycles),
-    else one pass over the labeled set.
-    identity: what else the checkpoint must match to be resumed (model name, classes, ...).
-    extra_state: objects with state_dict()/load_state_dict() saved in the checkpoint beside the
-    model (e.g. a weight EMA); their state is restored on resume.
-    A non-finite loss stops training with an error naming the step; nothing after that step is
-    saved, so the last checkpoint stays the last good one.
-    batch_aug: noise applied to each step's whole uint8 batch on the device (batchaug), drawn
-    from a generator seeded by the step and rank.
-    """
-    rank, world = dist.rank(), dist.world_size()
-    if tc.sync_bn and world > 1:
-        if device.type != "cuda":
+    def __init__(self, data: TrainData, tc: TrainConfig, world: int):
+        n_l = len(data.labeled) // world if world > 1 else len(data.labeled)
+        self.bl = max(1, min(tc.batch_size, n_l))
+        self.lab_drop_last = n_l >= self.bl
+        self.bu, self.w_u = 0, 0.0
+        if data.unlabeled is not None:
+            n_u = len(data.unlabeled) // world if world > 1 else len(data.unlabeled)
+            self.bu = max(1, min(tc.batch_size * tc.ratio, n_u))  # a tiny selection still trains
+            self.per_epoch = max(1, n_u // self.bu)
+            self.w_u = float(tc.ratio if tc.unlabeled_weight is None else tc.unlabeled_weight)
+        else:
+            self.per_epoch = max(1, n_l // self.bl)
+        self.total = tc.epochs * self.per_epoch
+        self.warmup = int(tc.warmup_epochs * self.per_epoch)
+
+
+class _Meters:
+    """Running loss and labeled top-1 since the last log line, kept on the device."""
+
+    def __init__(self, device: torch.device, saved: dict[str, Any] | None = None):
+        s = saved or {"loss_sum": 0.0, "correct": 0, "n_sum": 0, "seen": 0}
+        self.loss_sum = torch.full((), float(s["loss_sum"]), device=device)
+        self.correct = torch.full((), int(s["correct"]), device=device)
+        self.n_sum, self.seen = int(s["n_sum"]), int(s["seen"])
+
+    def add(self, loss: torch.Tensor, logits_l: torch.Tensor, yl: torch.Tensor) -> None:
+        self.loss_sum += loss.detach()
+        self.correct += (logits_l.detach().argmax(1) == yl).sum()
+        self.n_sum += 1
+        self.seen += len(yl)
+
+    def mean_loss(self) -> float:
+        return (self.loss_sum / self.n_sum).item()
+
+    def accuracy(self) -> float:
+        return 100.0 * self.correct.item() / max(1, self.seen)
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        self.n_sum = self.seen = 0
+
+    def state(self) -> dict[str, Any]:
+        return {"loss_sum": float(self.loss_sum.item()), "correct": int(self.correct.item()),
+                "n_sum": self.n_sum, "seen": self.seen}  # fmt: skip
+
+
+class _FiniteGuard:
+    """The first non-finite loss: its step and value, kept on the device (no per-step host
+    sync). `check` raises; it runs before every checkpoint, so a broken model never overwrites
+    the last good checkpoint."""
+
+    def __init__(self, device: torch.device, tag: str, lr: float, per_epoch: int):
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.loss = torch.zeros((), device=device)
+        self.tag, self.lr, self.per_epoch = tag, lr, per_epoch
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        first = ~torch.isfinite(loss.detach()) & (self.step < 0)
+        self.step = torch.where(first, step, self.step)
+        self.loss = torch.where(first, loss.detach(), self.loss)
+
+    def check(self, ckpt: Checkpoint) -> None:
+        if dist.is_distributed():  # a fault on any rank stops every rank at the same step
+            b = self.step.clone()
+            torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.MAX)
+            self.step = b
+        s = int(self.step.item())
+        if s < 0:
+            return
+        e, k = divmod(s - 1, self.per_epoch)
+        kept = (
+            f"the last good checkpoint '{ckpt.path}' (step {ckpt.saved_step}) is kept"
+            if ckpt.saved_step is not None
+            else "no checkpoint was written yet"
+        )
+        raise UserError(
+            f"{self.tag}: loss became {self.loss.item()} at step {s} (epoch {e + 1}, step {k + 1} "
+            f"of {self.per_epoch}); lower the learning rate ({self.lr}) or check the data; {kept}"
+        )
+
+
+def _prepare(model: nn.Module, tc: TrainConfig, rt: Runtime):
+    """The model on the device in its training memory format, and the module the loop calls
+    (DDP under torchrun; `model` stays the bare module whose state dicts are saved)."""
+    if tc.sync_bn and rt.world > 1:
+        if rt.device.type != "cuda":
             raise UserError("sync_bn=true needs CUDA devices (nccl); set it to false on CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    fmt = train_memory_format(model, device)
+    model.to(rt.device)
+    fmt = train_memory_format(model, rt)
     model.to(memory_format=fmt)
-    # under torchrun: DDP averages gradients over ranks; `model` stays the bare module
     net = model
     if dist.is_distributed():
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    amp = autocast_dtype(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model, net, fmt
+
+
+def _epoch_batches(data: TrainData, steps: _Steps, es: int, i0: int, rt: Runtime) -> Iterator:
+    """Steps i0.. of one epoch: (step, labeled images, labels, unlabeled images or None, their
+    targets or None), unreadable files dropped per their set's policy."""
+    lab_plan = _BatchPlan(len(data.labeled), steps.bl, steps.lab_drop_last, _mix(es, 0), i0,
+                          steps.per_epoch, rt.rank, rt.world)  # fmt: skip
+    lab_it = _plan_loader(data.labeled, lab_plan, data.workers)
+    unl_it = None
+    if data.unlabeled is not None:
+        unl_plan = _BatchPlan(len(data.unlabeled), steps.bu, True, _mix(es, 1), i0,
+                              steps.per_epoch, rt.rank, rt.world)  # fmt: skip
+        unl_it = _plan_loader(data.unlabeled, unl_plan, data.workers)
+    for i in range(i0, steps.per_epoch):
+        xl, il = _drop_bad(*next(lab_it), data.labeled.images)
+        yl = data.labels[il.to(rt.device)]
+        xu = tu = None
+        if unl_it is not None:
+            xu, iu = _drop_bad(*next(unl_it), data.unlabeled.images)
+            tu = data.targets[iu.to(rt.device)]
+        yield i, xl, yl, xu, tu
+
+
+def _step_seed(es: int, what: int, i: int, rt: Runtime) -> int:
+    """The seed of step i's model noise (what=2) or batch noise (what=3), per rank."""
+    return _mix(es, what, i, rt.rank) if rt.world > 1 else _mix(es, what, i)
+
+
+def train(model: nn.Module, data: TrainData, tc: TrainConfig, ckpt: Checkpoint,
+          log: Callable[..., None], rt: Runtime, seed: int, tag: str) -> TrainResult:  # fmt: skip
+    """Train `model` in place. `ckpt` is written every ckpt.every steps (0: epoch ends only)
+    and at every epoch end, and resumed from exactly (see the module docstring). `log(event=...,
+    **fields)` receives the train/resume events. A non-finite loss stops training with an error
+    naming the step; nothing after that step is saved, so the last checkpoint stays good."""
+    model, net, fmt = _prepare(model, tc, rt)
+    scaler = torch.amp.GradScaler("cuda", enabled=rt.amp == torch.float16)
     opt = build_optimizer(model, tc)
-    every = tc.checkpoint_every_steps if checkpoint_every is None else checkpoint_every
-    # batch sizes are per rank; each rank reads a disjoint 1/world of every stream
-    n_l_rank = len(labeled) // world if world > 1 else len(labeled)
-    bl = max(1, min(tc.batch_size, n_l_rank))
-    lab_drop_last = n_l_rank >= bl
-    if unlabeled is not None:
-        n_u_rank = len(unlabeled) // world if world > 1 else len(unlabeled)
-        bu = max(1, min(tc.batch_size * tc.ratio, n_u_rank))  # a tiny selection still trains
-        steps_per_epoch = max(1, n_u_rank // bu)
-        w_u = float(tc.ratio if tc.unlabeled_weight is None else tc.unlabeled_weight)
-    else:
-        steps_per_epoch = max(1, n_l_rank // bl)
-    total = tc.epochs * steps_per_epoch
-    warmup = int(tc.warmup_epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
-    n_u = len(unlabeled) if unlabeled is not None else 0
-    ident = _identity(tc, seed, tag, steps_per_epoch, len(labeled), n_u, identity)
-    extra_state = dict(extra_state or {})
+    steps = _Steps(data, tc, rt.world)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, steps.total, steps.warmup)
+    )
     ema = None
     if tc.ema_decay is not None:  # weight EMA (timm), checkpointed and resumed with the rest
         ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True)
-        extra_state["ema"] = ema
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = out_dir / "checkpoint.pt"
-    start_epoch, start_i, t_used, loss_val = 0, 0, 0.0, float("nan")
-    meters = {"loss_sum": 0.0, "correct": 0, "n_sum": 0, "seen": 0}
-    if ckpt.is_file():
-        st = load_checkpoint(ckpt, ident)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        scaler.load_state_dict(st["scaler"])
-        for k, obj in extra_state.items():
-            if k in st.get("extra", {}):
-                obj.load_state_dict(st["extra"][k])
-        _set_rng_state(st["rng"])
-        pos = st["position"]
-        start_epoch, start_i = int(pos["epoch"]), int(pos["step_in_epoch"])
-        meters.update(st["meters"])
-        t_used, loss_val = float(st.get("wall_s", 0.0)), float(st.get("last_loss", loss_val))
-        if dist.is_main():
-            run.log(stage=tag, event="resume", epoch=start_epoch, step=int(pos["step"]))
-
-    labels = labels.to(device)
-    if targets is not None:
-        targets = targets.to(device)
+        ckpt.extra["ema"] = ema
+    n_u = len(data.unlabeled) if data.unlabeled is not None else 0
+    recipe = recipe_identity(tc, seed, tag, steps.per_epoch, len(data.labeled), n_u)
+    parts = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
+    saved = ckpt.restore(recipe, parts)
+    pos = saved["position"] if saved else {"epoch": 0, "step_in_epoch": 0, "step": 0}
+    start_epoch, start_i = int(pos["epoch"]), int(pos["step_in_epoch"])
+    t_used = saved["wall_s"] if saved else 0.0
+    last = saved.get("last_loss") if saved else None
+    loss_val = float("nan") if last is None else float(last)
+    if saved:
+        log(event="resume", epoch=start_epoch, step=int(pos["step"]))
+    data.labels = data.labels.to(rt.device)
+    if data.targets is not None:
+        data.targets = data.targets.to(rt.device)
     t0 = time.time()
-    step = start_epoch * steps_per_epoch + start_i
-    if compile_training(device, total - step):  # the steps left; state dicts stay `model`'s
+    step = start_epoch * steps.per_epoch + start_i
+    if rt.compile_training(steps.total - step):  # the steps left; state dicts stay `model`'s
         _quiet_inductor()
         net = torch.compile(net)
-    # first non-finite loss: its step and value, kept on the device (no per-step host sync)
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    bad_loss = torch.zeros((), device=device)
-    saved_step = step if ckpt.is_file() else None
-
-    def check_finite() -> None:
-        nonlocal bad_step
-        if dist.is_distributed():  # a fault on any rank stops every rank at the same step
-            b = bad_step.clone()
-            torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.MAX)
-            bad_step = b
-        s = int(bad_step.item())
-        if s >= 0:
-            e, k = divmod(s - 1, steps_per_epoch)
-            kept = (
-                f"the last good checkpoint '{ckpt}' (step {saved_step}) is kept"
-                if saved_step is not None
-                else "no checkpoint was written yet"
-            )
-            raise UserError(
-                f"{tag}: loss became {bad_loss.item()} at step {s} (epoch {e + 1}, step {k + 1} of "
-                f"{steps_per_epoch}); lower the learning rate ({tc.lr}) or check the data; {kept}"
-            )
+    guard = _FiniteGuard(rt.device, tag, tc.lr, steps.per_epoch)
+    meters = _Meters(rt.device, saved["meters"] if saved else None)
 
     def save(epoch: int, step_in_epoch: int) -> None:
-        nonlocal saved_step
-        check_finite()  # never overwrite the last good checkpoint with a broken model
-        if not dist.is_main():  # only rank 0 writes; every rank holds the same weights
-            saved_step = step
-            return
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "identity": ident,
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(),
-            "extra": {k: obj.state_dict() for k, obj in extra_state.items()},
-            "rng": _rng_state(),
-            "position": {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": step},
-            "meters": {
-                "loss_sum": float(loss_sum.item()),
-                "correct": int(correct.item()),
-                "n_sum": n_sum,
-                "seen": seen,
-            },
-            "last_loss": loss_val,
-            "wall_s": t_used + time.time() - t0,
-        }
-        save_state(ckpt, state)
-        saved_step = step
+        guard.check(ckpt)  # never overwrite the last good checkpoint with a broken model
+        position = {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": step}
+        ckpt.save(parts, position, meters.state(), loss_val, t_used + time.time() - t0)
 
     for epoch in range(start_epoch, tc.epochs):
         es = _stage_seed(seed, tag, epoch)
         i0 = start_i if epoch == start_epoch else 0
         model.train()
-        lab_plan = _BatchPlan(
-            len(labeled), bl, lab_drop_last, _mix(es, 0), i0, steps_per_epoch, rank, world
-        )
-        lab_it = _plan_loader(labeled, lab_plan, workers)
-        unl_it = None
-        if unlabeled is not None:
-            unl_plan = _BatchPlan(
-                len(unlabeled), bu, True, _mix(es, 1), i0, steps_per_epoch, rank, world
-            )
-            unl_it = _plan_loader(unlabeled, unl_plan, workers)
-        loss_sum = torch.full((), float(meters["loss_sum"]), device=device)
-        correct = torch.full((), int(meters["correct"]), device=device)  # labeled top-1 hits
-        n_sum, seen = int(meters["n_sum"]), int(meters["seen"])
-        meters = {"loss_sum": 0.0, "correct": 0, "n_sum": 0, "seen": 0}
-        bar = tqdm(
-            range(i0, steps_per_epoch),
-            desc=f"{tag} epoch {epoch + 1}/{tc.epochs}",
-            disable=not progress,
-            leave=False,
-        )
-        for i in bar:
-            xl, il = _drop_bad(*next(lab_it), labeled.images)
-            yl = labels[il.to(device)]
-            x = xl
-            if unl_it is not None:
-                xu, iu = _drop_bad(*next(unl_it), unlabeled.images)
-                x = torch.cat([xl, xu])
-                tu = targets[iu.to(device)]
-            x = x.to(device, non_blocking=True)
-            if batch_aug is not None:
-                g = torch.Generator().manual_seed(
-                    _mix(es, 3, i, rank) if world > 1 else _mix(es, 3, i)
-                )
-                x = batch_aug(x, g)
+        batches = _epoch_batches(data, steps, es, i0, rt)
+        progress = bar(batches, f"{tag} epoch {epoch + 1}/{tc.epochs}",
+                       steps.per_epoch - i0, rt.progress)  # fmt: skip
+        for i, xl, yl, xu, tu in progress:
+            x = xl if xu is None else torch.cat([xl, xu])
+            x = x.to(rt.device, non_blocking=True)
+            if data.batch_aug is not None:
+                x = data.batch_aug(x, torch.Generator().manual_seed(_step_seed(es, 3, i, rt)))
             x = x.contiguous(memory_format=fmt)
-            # model noise of this step and rank (dropout, drop path)
-            torch.manual_seed(_mix(es, 2, i, rank) if world > 1 else _mix(es, 2, i))
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            torch.manual_seed(_step_seed(es, 2, i, rt))  # this step's dropout / drop path
+            with torch.autocast(rt.device.type, dtype=rt.amp or torch.float32,
+                                enabled=rt.amp is not None):  # fmt: skip
                 logits = net(x)
             loss = F.cross_entropy(
                 logits[: len(xl)].float(), yl, label_smoothing=tc.label_smoothing
             )
-            if unl_it is not None:
-                loss = loss + w_u * soft_cross_entropy(logits[len(xl) :], tu)
+            if xu is not None:
+                loss = loss + steps.w_u * soft_cross_entropy(logits[len(xl) :], tu)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -673,51 +458,63 @@ def train(
             step += 1
             if ema is not None:
                 ema.update(model, step=step)
-            first = ~torch.isfinite(loss.detach()) & (bad_step < 0)
-            bad_step = torch.where(first, step, bad_step)
-            bad_loss = torch.where(first, loss.detach(), bad_loss)
-            loss_sum += loss.detach()
-            correct += (logits[: len(xl)].detach().argmax(1) == yl).sum()
-            n_sum += 1
-            seen += len(xl)
-            if (i + 1) % log_every == 0 or i + 1 == steps_per_epoch:
-                check_finite()  # one host sync per `log_every` steps
-                loss_val = (loss_sum / n_sum).item()
-                bar.set_postfix(loss=f"{loss_val:.3f}")
-                if dist.is_main():
-                    run.log(
-                        stage=tag,
-                        event="train",
-                        epoch=epoch + 1,
-                        step=step,
-                        loss=loss_val,
-                        train_acc=100.0 * correct.item() / max(1, seen),
-                        lr=sched.get_last_lr()[0],
-                    )
-                loss_sum.zero_()
-                correct.zero_()
-                n_sum = seen = 0
-            if i + 1 == steps_per_epoch:
+            guard.record(loss, step)
+            meters.add(loss, logits[: len(xl)], yl)
+            if (i + 1) % LOG_EVERY == 0 or i + 1 == steps.per_epoch:
+                guard.check(ckpt)  # one host sync per LOG_EVERY steps
+                loss_val = meters.mean_loss()
+                progress.set_postfix(loss=f"{loss_val:.3f}")
+                log(event="train", epoch=epoch + 1, step=step, loss=loss_val,
+                    train_acc=meters.accuracy(), lr=sched.get_last_lr()[0])  # fmt: skip
+                meters.reset()
+            if i + 1 == steps.per_epoch:
                 save(epoch + 1, 0)
-            elif every > 0 and step % every == 0:
+            elif ckpt.every > 0 and step % ckpt.every == 0:
                 save(epoch, i + 1)
-    check_finite()
-    return TrainResult(
-        tc.epochs, total, loss_val, t_used + time.time() - t0, None if ema is None else ema.module
-    )
+    guard.check(ckpt)
+    wall = t_used + time.time() - t0
+    return TrainResult(tc.epochs, steps.total, loss_val, wall, None if ema is None else ema.module)
+
+
+# --------------------------------------------------------------------------------------------
+# inference
+def _batches_of_array(a: np.ndarray, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Slices of a decoded uint8 cache (NHWC viewed as NCHW), no per-image work."""
+    for k in range(0, len(a), batch):
+        yield (
+            torch.from_numpy(a[k : k + batch]).permute(0, 3, 1, 2),
+            torch.arange(k, min(k + batch, len(a))),
+        )
+
+
+def _inference_setup(model: nn.Module, rt: Runtime, n_job: int):
+    """(callable, autocast dtype or None, input dtype or None) for eval-mode inference: the
+    compiled frozen copy when `compile` pays for this job or one exists for these weights."""
+    model.to(rt.device).eval()
+    model.to(memory_format=torch.channels_last)
+    amp = rt.amp
+    if rt.compile_inference(n_job) or _cached_inference_net(model, rt.device, amp):
+        net, in_dtype = inference_net(model, rt.device, amp)
+        return net, (None if in_dtype is not None else amp), in_dtype
+    return model, amp, None
+
+
+def _forward(net, model: nn.Module, x: torch.Tensor, batch: int, amp, in_dtype, device):
+    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    n = len(x)
+    if net is not model and n < batch:  # pad a short last batch: no recompile for its shape
+        x = torch.cat([x, x.new_zeros((batch - n, *x.shape[1:]))])
+        x = x.contiguous(memory_format=torch.channels_last)
+    if in_dtype is not None and x.is_floating_point():  # uint8 goes in as it is
+        x = x.to(in_dtype)
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        return net(x)[:n]
 
 
 @torch.no_grad()
-def predict(
-    model: nn.Module,
-    ds: ViewDataset,
-    batch: int,
-    device: torch.device,
-    workers: int = 0,
-    progress: bool = False,
-    desc: str = "predict",
-    job_images: int | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def predict(model: nn.Module, ds: ViewDataset, batch: int, rt: Runtime, workers: int = 0,
+            desc: str = "predict", job_images: int | None = None,
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
     """Eval mode (no dropout, no stochastic depth, BN in inference mode) on the clean view.
     Yields (logits (n, C) float32 on CPU, dataset indices (n,)) batch by batch. Unreadable files
     are left out of their batch when ds.images.bad_log skips them, else an error names the file.
@@ -725,42 +522,34 @@ def predict(
     pseudo-labeling pass), for the `compile: auto` decision; default len(ds). A compiled copy
     already made for these exact weights is reused whatever the size, so one job's calls all
     take the same numeric path."""
-    model.to(device).eval()
-    model.to(memory_format=torch.channels_last)
-    amp = autocast_dtype(device)
-    net, in_dtype = model, None
-    n_job = len(ds) if job_images is None else job_images
-    if compile_inference(device, n_job) or _cached_inference_net(model, device, amp):
-        net, in_dtype = inference_net(model, device, amp)
-        amp = None if in_dtype is not None else amp
+    net, amp, in_dtype = _inference_setup(model, rt, len(ds) if job_images is None else job_images)
     a = ds.raw_array()
     if a is not None:
-        # decoded uint8 cache: slices of the array, no per-image work
-        loader = (
-            (
-                torch.from_numpy(a[k : k + batch]).permute(0, 3, 1, 2),
-                torch.arange(k, min(k + batch, len(a))),
-            )
-            for k in range(0, len(a), batch)
-        )
-        n_batches = math.ceil(len(a) / batch)
-    else:
-        loader = _loader(_Items(ds), batch, False, 0, workers, drop_last=False)
+        loader, n_batches = _batches_of_array(a, batch), math.ceil(len(a) / batch)
+    else:  # a private generator: reading never draws from the global RNG
+        loader = DataLoader(_Items(ds), batch_size=batch, shuffle=False,
+                            generator=torch.Generator().manual_seed(0), num_workers=workers,
+                            pin_memory=torch.cuda.is_available())  # fmt: skip
         n_batches = len(loader)
-    for x, idx in tqdm(loader, desc=desc, disable=not progress, leave=False, total=n_batches):
+    for x, idx in bar(loader, desc, n_batches, rt.progress):
         x, idx = _drop_bad(x, idx, ds.images)
         if len(idx) == 0:
             continue
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        n = len(x)
-        if net is not model and n < batch:  # pad a short last batch: no recompile for its shape
-            x = torch.cat([x, x.new_zeros((batch - n, *x.shape[1:]))])
-            x = x.contiguous(memory_format=torch.channels_last)
-        if in_dtype is not None and x.is_floating_point():  # uint8 goes in as it is
-            x = x.to(in_dtype)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = net(x)[:n]
-        yield logits.float().cpu(), idx
+        yield _forward(net, model, x, batch, amp, in_dtype, rt.device).float().cpu(), idx
+
+
+@torch.no_grad()
+def predict_array(model: nn.Module, images: np.ndarray, batch: int, rt: Runtime,
+                  desc: str = "predict", progress: bool = True) -> torch.Tensor:  # fmt: skip
+    """Eval-mode logits (n, C) float32 on CPU of uint8 images (n, H, W, 3) already in memory
+    (an array or a memory map, read a batch at a time), with the same precision and compile
+    policy as `predict`. `progress`: show a bar when the runtime shows progress."""
+    net, amp, in_dtype = _inference_setup(model, rt, len(images))
+    out = []
+    for k in bar(range(0, len(images), batch), desc, None, rt.progress and progress):
+        x = torch.from_numpy(np.array(images[k : k + batch])).permute(0, 3, 1, 2)
+        out.append(_forward(net, model, x, batch, amp, in_dtype, rt.device).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
 
 
 # compiled inference copies, one per model, valid while the model's weights are unchanged
@@ -776,9 +565,10 @@ def _weights_key(model: nn.Module, device: torch.device, amp: torch.dtype | None
 
 class _Frozen:
     """Calls a compiled module with inductor's weight freezing on. torch.compile's
-    `options={"freezing": True}` is not honoured (measured: 3,900 img/s, as without it, against
-    8,400 with the global switch), and inductor compiles on the first call, so the switch is set
-    around each call (a recompile for a new input shape is frozen too)."""
+    `options={"freezing": True}` is not honoured (it runs as fast as no freezing at all; docs/
+    method.md, "Performance: precision and compile"), and inductor compiles on the first call,
+    so the global switch is set around each call (a recompile for a new input shape is frozen
+    too)."""
 
     def __init__(self, compiled: Callable[[torch.Tensor], torch.Tensor]):
         import torch._inductor.config as inductor_config
@@ -820,22 +610,15 @@ def inference_net(
     return net, in_dtype
 
 
-def evaluate(
-    model: nn.Module,
-    images: ImageSet,
-    size: int,
-    batch: int,
-    device: torch.device,
-    workers: int = 0,
-    progress: bool = False,
-) -> dict[str, Any]:
+def evaluate(model: nn.Module, images: ImageSet, size: int, batch: int, rt: Runtime,
+             workers: int = 0) -> dict[str, Any]:  # fmt: skip
     """Top-1 / top-5 accuracy in percent, and the predictions (for a confusion matrix).
     Images skipped as unreadable (see ImageSet.bad_log) are left out: prediction -1, not in `n`."""
     ds = ViewDataset(images, size)
     labels = torch.from_numpy(images.labels)
     preds, top5_hits = torch.full((len(ds),), -1, dtype=torch.long), 0
     read = 0
-    for logits, idx in predict(model, ds, batch, device, workers, progress, "evaluate"):
+    for logits, idx in predict(model, ds, batch, rt, workers, "evaluate"):
         preds[idx] = logits.argmax(1)
         k = min(5, logits.shape[1])
         top5_hits += (logits.topk(k, 1).indices == labels[idx, None]).any(1).sum().item()

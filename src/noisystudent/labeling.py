@@ -23,6 +23,7 @@ from .augment import ViewDataset
 from .data import ImageSet
 from .engine import predict
 from .errors import UserError
+from .runtime import Runtime
 from .store import (
     _release_free_memory,
     shard_metadata,
@@ -81,18 +82,15 @@ def label_shards(
     identity: dict[str, str],
     shard_size: int,
     batch: int,
-    device: torch.device,
-    rank: int = 0,
-    world: int = 1,
+    rt: Runtime,
     workers: int = 0,
-    progress: bool = False,
 ) -> list[int]:
     """Label this rank's missing shards; returns the shard numbers it wrote. Each shard's rows
     are predicted on the clean eval view (ViewDataset without transform) in eval mode."""
     root.mkdir(parents=True, exist_ok=True)
     written = []
     ranges = shard_ranges(len(images), shard_size)
-    for j in range(rank, len(ranges), world):
+    for j in range(rt.rank, len(ranges), rt.world):
         a, b = ranges[j]
         if check_shard(root, j, a, b - a, identity):
             continue
@@ -102,11 +100,10 @@ def label_shards(
             model,
             ViewDataset(sub, size),
             batch,
-            device,
+            rt,
             workers,
-            progress,
             f"pseudo-label shard {j + 1}/{len(ranges)}",
-            job_images=len(images) // world,  # compile: auto decides once for this rank's work
+            job_images=len(images) // rt.world,  # compile: auto decides once for this rank's work
         ):
             p, i = top_k(torch.softmax(logits / temperature, dim=1), k)
             ps.append(p)
@@ -114,14 +111,16 @@ def label_shards(
             rows.append(idx)
             if len(rows) % TRIM_EVERY_BATCHES == 0:
                 _release_free_memory()  # decode buffers: else the heap grows with a shard's rows
-        # images skipped as unreadable leave the shard; the uids say which rows are present
-        r = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+        # images skipped as unreadable leave the shard; the index (and the uids) say which
+        # images the rows are: predict yields positions in `sub`, the range starts at image a
+        r = torch.cat(rows).long() if rows else torch.zeros(0, dtype=torch.long)
         p = torch.cat(ps) if ps else torch.zeros(0, k)
         i = torch.cat(ix) if ix else torch.zeros(0, k, dtype=torch.long)
         uids = [sub.uids[t] for t in r.tolist()]
-        write_shard(root, j, a, p, i, uids, num_classes, {**identity, "rows_in_range": str(b - a)})
+        ident = {**identity, "rows_in_range": str(b - a)}
+        write_shard(root, j, a, p, i, a + r, uids, num_classes, ident)
         written.append(j)
-        del sub, ps, ix, rows, p, i, uids
+        del sub, ps, ix, rows, r, p, i, uids
         _release_free_memory()  # glibc keeps freed decode buffers otherwise (see store.py)
     return written
 

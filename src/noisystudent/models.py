@@ -255,3 +255,31 @@ def drop_path_rates(model: nn.Module) -> Iterator[float]:
     for m in model.modules():
         if isinstance(m, BasicBlock):
             yield m.drop_path.drop_prob if isinstance(m.drop_path, DropPath) else 0.0
+
+
+# FixRes fine-tune (stages/finetune.py): which layers stay frozen
+def shallow_modules(net: nn.Module, k: int) -> list[nn.Module]:
+    """The stem plus the first k entries of `net.blocks` (residual blocks of the built-in
+    models, stages of EfficientNet/timm models that have `.blocks`)."""
+    if k <= 0:
+        return []
+    blocks = getattr(net, "blocks", None)
+    if blocks is None:
+        raise UserError(f"finetune.freeze_blocks={k} needs a model with `.blocks` "
+                        f"({type(net).__name__} has none); set finetune.freeze_blocks=0")  # fmt: skip
+    if k > len(blocks):
+        raise UserError(f"finetune.freeze_blocks={k} but the model has {len(blocks)} blocks")
+    stem = [
+        m for name in ("stem", "conv_stem", "bn1") if (m := getattr(net, name, None)) is not None
+    ]
+    return stem + list(blocks)[:k]
+
+
+def freeze(net: nn.Module, k: int) -> int:
+    """Freeze the weights of the stem and the first k blocks; returns the frozen parameter count."""
+    n = 0
+    for m in shallow_modules(net, k):
+        for p in m.parameters():
+            p.requires_grad_(False)
+            n += p.numel()
+    return n

@@ -1,7 +1,11 @@
-"""The whole loop: teacher -> (pseudo-label -> select -> student) x iterations, with evaluation.
+"""The whole loop: teacher -> (pseudo-label -> select -> student) x iterations, with evaluation;
+and the multi-stage commands built on the same stages (one stage, robustness).
 
 Every stage talks to the others through files in the run directory and is skipped when the
-manifest says it is done, so re-running the same command resumes where a run stopped.
+manifest says it is done, so re-running the same command resumes where a run stopped. Under
+torchrun (distributed.py) every rank runs these functions: training and pseudo-labeling are
+shared by all ranks, everything else runs on rank 0 while the others wait at a barrier; only
+rank 0 prints.
 """
 
 from __future__ import annotations
@@ -10,115 +14,186 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import distributed as dist
-from .config import Config, config_differences
-from .engine import configure, resolve_device
+from .artifacts import write_summary
+from .config import Config
 from .errors import UserError
+from .inputs import Data, load_data
 from .models import check_student_sizes
-from .rundir import RunDir, write_text
+from .robustness.table import format_table as robustness_table
+from .robustness.table import one_line
+from .rundir import RunDir, open_run
+from .runtime import Runtime, from_config
 from .stages import (
     evaluate_stage,
-    format_table,
-    load_data,
+    finetune_stage,
     pseudo_label_stage,
+    robustness_stage,
     select_stage,
     train_stage,
-    write_summary,
 )
 
 
-def open_run(cfg: Config) -> RunDir:
-    """Create/reuse the run directory; refuse one made with a result-changing different config."""
-    run = RunDir(cfg.run_dir).lock()  # one process per run dir; cleans up after a killed run
-    path = Path(cfg.run_dir) / "config.yaml"
-    new = cfg.to_dict()
-    if path.is_file():
-        old = yaml.safe_load(path.read_text()) or {}
-        diff = config_differences(old, new)
-        if diff:
-            raise UserError(
-                f"run directory '{cfg.run_dir}' was made with a different config "
-                f"({', '.join(diff[:6])}); use a new run_dir or delete the old one"
-            )
-    if dist.is_main():
-        write_text(path, yaml.safe_dump(new, sort_keys=False))
-    return run
+def _say(rt: Runtime):
+    return print if rt.is_main else (lambda *a, **k: None)
+
+
+def open_data(cfg: Config, run: RunDir, rt: Runtime) -> Data:
+    """The run's images on every rank: rank 0 fills the decode cache, the others then read it."""
+    data = load_data(cfg, run) if rt.is_main else None
+    dist.barrier()
+    return data if data is not None else load_data(cfg, run)
 
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
-    """Run (or resume) every stage; returns summary.json's content.
-
-    Under torchrun (see distributed.py) every rank runs this: training and pseudo-labeling are
-    shared by all ranks, everything else runs on rank 0 while the others wait at a barrier."""
-    dist.init(resolve_device(cfg.device))
-    line = configure(cfg.precision, cfg.compile, resolve_device(cfg.device))
-    if dist.is_main():
-        print(line)
+    """Run (or resume) every stage; returns summary.json's content ({} on ranks other than 0)."""
+    rt = from_config(cfg)
     try:
-        return _run_pipeline(cfg)
+        return _run_pipeline(cfg, rt)
     finally:
         dist.shutdown()
 
 
-def _run_pipeline(cfg: Config) -> dict[str, Any]:
+def _run_pipeline(cfg: Config, rt: Runtime) -> dict[str, Any]:
     run = open_run(cfg)
-    if dist.is_main():  # rank 0 fills the decode cache, the other ranks then read it
-        data = load_data(cfg, run)
-    dist.barrier()
-    if not dist.is_main():
-        data = load_data(cfg, run)
+    data = open_data(cfg, run, rt)
     params = check_student_sizes(cfg.models, len(data.classes), cfg.allow_smaller_student)
-    say = print if dist.is_main() else (lambda *a, **k: None)
+    say = _say(rt)
     say(
         f"run directory: {run.root}  |  {len(data.labeled)} labeled, {len(data.unlabeled)} "
         f"unlabeled, {len(data.test)} test images, {len(data.classes)} classes"
     )
-    print("models: " + " -> ".join(f"{m} ({p:,})" for m, p in zip(cfg.models, params, strict=True)))
+    say("models: " + " -> ".join(f"{m} ({p:,})" for m, p in zip(cfg.models, params, strict=True)))
     last = len(cfg.models) - 1
     for i in range(len(cfg.models)):
-        train_stage(cfg, run, data, i)  # every rank (DDP)
+        train_stage(cfg, run, data, i, rt)  # every rank (DDP)
         dist.barrier()
-        if dist.is_main():
-            res = evaluate_stage(cfg, run, data, i)
+        if rt.is_main:
+            res = evaluate_stage(cfg, run, data, i, rt)
             say(
                 f"[iter {i}] {cfg.models[i]}: test top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%"
             )
-            if cfg.robustness.enabled:  # corruption / flip / adversarial robustness (robustness/)
-                from .robustness.stage import one_line, robustness_stage
-
-                say(f"[iter {i}] robustness: {one_line(robustness_stage(cfg, run, data, i))}")
+            if cfg.robustness.enabled:  # corruption / flip / adversarial robustness
+                say(f"[iter {i}] robustness: {one_line(robustness_stage(cfg, run, data, i, rt))}")
         dist.barrier()
         if i < last:
-            pseudo_label_stage(cfg, run, data, i)  # every rank labels its own shards
-            if dist.is_main():
-                counts = select_stage(cfg, run, data, i)
-                acc = counts["pseudo_label_acc"]
-                say(
-                    f"[iter {i}] pseudo labels: kept {counts['kept_unique']}/{counts['total']} images"
-                    + (f", accuracy {acc:.2f}%" if acc is not None else "")
-                    + f", {counts['selected_rows']} rows after balancing"
-                )
+            pseudo_label_stage(cfg, run, data, i, rt)  # every rank labels its own shards
+            if rt.is_main:
+                say(f"[iter {i}] pseudo labels: {selection_line(select_stage(cfg, run, data, i))}")
             dist.barrier()
-        if dist.is_main():
-            write_summary(cfg, run)
-    if cfg.finetune.enabled and dist.is_main():  # FixRes-style, on the final model
-        from .finetune import finetune_stage
-
-        ev = finetune_stage(cfg, run, last)
+        if rt.is_main:
+            write_summary(run, cfg.models)
+    if cfg.finetune.enabled and rt.is_main:  # FixRes-style, on the final model
+        ev = finetune_stage(cfg, run, last, rt)
         say(
             f"[iter {last}] fine-tuned at {cfg.finetune.image_size} px: test top-1 {ev['top1']:.2f}%"
         )
     dist.barrier()
-    if not dist.is_main():
+    if not rt.is_main:
         return {}
-    summary = write_summary(cfg, run)
+    summary = write_summary(run, cfg.models)
     print()
     print(format_table(summary))
     print(f"\nrun directory: {run.root}")
     write_run_report(cfg, run, data)
     return summary
+
+
+def selection_line(counts: dict[str, Any]) -> str:
+    acc = counts["pseudo_label_acc"]
+    return (
+        f"{counts['passed_filter']}/{counts['total']} passed the filter, "
+        f"{counts['kept_unique']} unique images kept"
+        + (f", accuracy {acc:.2f}%" if acc is not None else "")
+        + f", {counts['selected_rows']} rows after balancing"
+    )
+
+
+def run_stage(cmd: str, cfg: Config, i: int) -> None:
+    """One stage (`noisystudent train-teacher`, `pseudo-label`, ...). Under torchrun, training and
+    pseudo-labeling use every rank; the other stages run on rank 0 only."""
+    if not 0 <= i < len(cfg.models):
+        raise UserError(f"--iteration {i} is outside models[0..{len(cfg.models) - 1}]")
+    if cmd == "train-student" and i < 1:
+        raise UserError("train-student needs --iteration >= 1 (iteration 0 is the teacher)")
+    rt = from_config(cfg)
+    try:
+        run = open_run(cfg)
+        data = open_data(cfg, run, rt)
+        if cmd in ("select", "evaluate") and not rt.is_main:
+            return
+        if cmd in ("train-teacher", "train-student"):
+            train_stage(cfg, run, data, 0 if cmd == "train-teacher" else i, rt)
+        elif cmd == "pseudo-label":
+            pseudo_label_stage(cfg, run, data, i, rt)
+        elif cmd == "select":
+            print(f"[iter {i}] pseudo labels: {selection_line(select_stage(cfg, run, data, i))}")
+        elif cmd == "evaluate":
+            res = evaluate_stage(cfg, run, data, i, rt)
+            print(f"{cfg.models[i]}: test top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
+        if rt.is_main:
+            write_summary(run, cfg.models)
+    finally:
+        dist.shutdown()
+
+
+def run_robustness(cfg: Config, iterations: list[int] | None) -> list[dict[str, Any]]:
+    """`noisystudent robustness`: evaluate the listed iterations of a run (default: every
+    trained model); print the table."""
+    from .stages.robustness import validate
+
+    validate(cfg.robustness)  # before open_run saves the options into config.yaml
+    for i in iterations or []:
+        if not 0 <= i < len(cfg.models):
+            raise UserError(f"--iteration {i} is outside models[0..{len(cfg.models) - 1}]")
+    rt = from_config(cfg)
+    run = open_run(cfg)
+    if iterations is None:
+        iterations = [i for i in range(len(cfg.models)) if run.it(i).model.is_file()]
+        if not iterations:
+            raise UserError(f"no trained model in '{cfg.run_dir}'; run `noisystudent run` first")
+    data = load_data(cfg, run)
+    results = [robustness_stage(cfg, run, data, i, rt) for i in iterations]
+    print()
+    print(robustness_table([(f"iter{r['iteration']} {r['model']}", r) for r in results]))
+    for r in results:
+        print(f"results: {run.it(r['iteration']).robustness_results}")
+    return results
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The end-of-run table: iteration, model, parameters, test top-1, pseudo-label accuracy,
+    and the two selection shares (passed the confidence filter; unique images kept)."""
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}%"
+
+    def frac(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    head = ("iter", "model", "params", "test top-1", "pseudo-label acc", "passed filter",
+            "kept unique")  # fmt: skip
+    rows = [
+        (
+            str(r["iteration"]),
+            r["model"],
+            f"{r['params']:,}",
+            pct(r["test_top1"]),
+            pct(r["pseudo_label_acc"]),
+            frac(r.get("passed_filter_fraction")),
+            frac(r.get("kept_unique_fraction")),
+        )
+        for r in summary["iterations"]
+    ]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=False)]
+
+    def fmt(cells):
+        return "  ".join(
+            c.ljust(w) if j == 1 else c.rjust(w)
+            for j, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join([fmt(head)] + [fmt(r) for r in rows])
 
 
 def write_run_report(cfg: Config, run: RunDir, data: Any = None) -> Path | None:

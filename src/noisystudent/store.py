@@ -1,8 +1,8 @@
 """The pseudo-label store: what a teacher said about every unlabeled image.
 
-On-disk format (version 2), a directory:
+On-disk format (version 3), a directory:
 
-    meta.json                 {"format": "noisystudent-pseudo-labels", "version": 2,
+    meta.json                 {"format": "noisystudent-pseudo-labels", "version": 3,
                                "num_classes": C, "k": k, "temperature": T, "count": N,
                                "teacher": {...}, "identity": {...},
                                "shards": [{"name", "start", "count"}, ...]}
@@ -10,13 +10,19 @@ On-disk format (version 2), a directory:
                                                       sorted descending
                               topk_idx  (n, k) int16    their class indices (int32 if C > 32767)
                               max_prob  (n,)   float32  confidence (= topk_prob[:, 0] in fp32)
+                              index     (n,)   int64    the row's image: its position in the
+                                                      unlabeled ImageSet at labeling time
                               metadata: format, version, start, count and the identity strings
                               (teacher checkpoint sha256, unlabeled-data fingerprint)
-    shard-00000.uids          n lines: the uid (relative path) of each row, in row order
+    shard-00000.uids          n lines: the uid (relative path) of each row, in row order (for
+                              people; programs join rows to images by `index`)
 
-Shard j holds the rows [start, start + count) of the unlabeled set, in the order it was read.
-k = C (the full vector) when C <= 100, else 10 by default: the tail of the distribution carries
-little mass, and at 1,000 classes a row takes 44 bytes instead of the 4,000 of a float32 vector.
+Shard j holds the rows [start, start + count) of the store: the images of its range of the
+unlabeled set, in order, less any found unreadable (so `index` may skip positions, and a row's
+index is its image's position, not start + its offset in the shard). k = C (the full vector)
+when C <= 100, else 10 by default: the tail of the distribution carries little mass, and at
+1,000 classes a row takes 52 bytes (44 + its 8-byte index) instead of the 4,000 of a float32
+vector.
 `meta.json` is written last, so a store without it is incomplete. Reads are memory-mapped
 (safetensors): `iter_chunks` streams a store of any size in bounded memory.
 """
@@ -34,7 +40,7 @@ from .errors import UserError
 from .rundir import atomic_write, read_json, save_tensors, write_json
 
 FORMAT = "noisystudent-pseudo-labels"
-VERSION = 2
+VERSION = 3
 
 
 def default_topk(num_classes: int, topk: int | None) -> int:
@@ -68,20 +74,30 @@ def write_shard(
     start: int,
     topk_prob: torch.Tensor,
     topk_idx: torch.Tensor,
+    index: torch.Tensor,
     uids: list[str],
     num_classes: int,
     identity: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Write shard j (rows start .. start+n) from top-k probabilities (n, k) and indices;
-    each file atomic, the .uids first, so a shard whose .safetensors exists is complete."""
+    """Write shard j from top-k probabilities (n, k), their class indices (n, k) and each row's
+    image index (n,) int64 (its position in the unlabeled ImageSet); `start` (recorded in its
+    metadata) is where the shard's range of the unlabeled set begins. Each file atomic, the .uids
+    first, so a shard whose .safetensors exists is complete."""
     root = Path(root)
     name = shard_name(j)
+    index = torch.as_tensor(index)
+    n = len(uids)
+    if index.shape != (n,) or topk_prob.shape[0] != n or topk_idx.shape != topk_prob.shape:
+        raise ValueError(
+            f"shard {j}: {n} uids, index {tuple(index.shape)}, topk_prob "
+            f"{tuple(topk_prob.shape)}, topk_idx {tuple(topk_idx.shape)} do not match"
+        )
     atomic_write(root / f"{name}.uids", lambda f: f.write_text("".join(u + "\n" for u in uids)))
     meta = {
         "format": FORMAT,
         "version": str(VERSION),
         "start": str(start),
-        "count": str(len(uids)),
+        "count": str(n),
         **{key: str(v) for key, v in (identity or {}).items()},
     }
     save_tensors(
@@ -90,10 +106,11 @@ def write_shard(
             "topk_prob": topk_prob.half(),
             "topk_idx": topk_idx.to(index_dtype(num_classes)),
             "max_prob": topk_prob[:, 0].float().contiguous(),
+            "index": index.to(torch.int64),
         },
         meta,
     )
-    return {"name": name, "start": start, "count": len(uids)}
+    return {"name": name, "start": start, "count": n}
 
 
 def shard_metadata(path: str | Path) -> dict[str, str] | None:
@@ -138,77 +155,6 @@ def store_files(root: str | Path, shards: list[dict[str, Any]]) -> list[Path]:
     return out
 
 
-class StoreWriter:
-    """Append batches of probabilities in row order; flushes a shard every `shard_size` rows."""
-
-    def __init__(
-        self,
-        root: str | Path,
-        num_classes: int,
-        k: int,
-        temperature: float,
-        teacher: dict[str, Any],
-        shard_size: int = 65536,
-        identity: dict[str, str] | None = None,
-    ):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "meta.json").unlink(missing_ok=True)
-        self.num_classes, self.k, self.temperature = num_classes, k, temperature
-        self.teacher, self.identity = teacher, identity
-        self.shard_size = shard_size
-        self.shards: list[dict[str, Any]] = []
-        self._buf: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []
-        self._n = 0
-
-    def add(self, probs: torch.Tensor, uids: list[str]) -> None:
-        """probs: (n, C) probabilities of one batch; uids: their n uids. Shards are cut at
-        exact multiples of shard_size rows (the same ranges `shard_ranges` gives)."""
-        p, i = top_k(probs, self.k)
-        self._buf.append((p, i, list(uids)))
-        self._n += len(uids)
-        while self._n >= self.shard_size:
-            self._flush(self.shard_size)
-
-    def _flush(self, rows: int | None = None) -> None:
-        if not self._buf:
-            return
-        p = torch.cat([b[0] for b in self._buf])
-        i = torch.cat([b[1] for b in self._buf])
-        uids = [u for b in self._buf for u in b[2]]
-        rows = len(uids) if rows is None else rows
-        start = sum(s["count"] for s in self.shards)
-        self.shards.append(
-            write_shard(
-                self.root,
-                len(self.shards),
-                start,
-                p[:rows],
-                i[:rows],
-                uids[:rows],
-                self.num_classes,
-                self.identity,
-            )
-        )
-        self._buf = [(p[rows:], i[rows:], uids[rows:])] if rows < len(uids) else []
-        self._n = len(uids) - rows
-
-    def close(self) -> dict[str, Any]:
-        self._flush()
-        return write_meta(
-            self.root,
-            self.num_classes,
-            self.k,
-            self.temperature,
-            self.teacher,
-            self.shards,
-            self.identity,
-        )
-
-    def files(self) -> list[Path]:
-        return store_files(self.root, self.shards)
-
-
 def _release_free_memory() -> None:
     """Hand freed heap memory back to the OS (glibc). Streaming many chunks of varying sizes
     otherwise ratchets glibc's mmap threshold up and fragments the heap: measured here, peak RSS
@@ -226,6 +172,22 @@ def _release_free_memory() -> None:
 
 
 _LIBC: Any = None
+
+# what to do about a store this version cannot read. The folder goes first: a re-run alone
+# would find the pseudo-label stage done (its outputs unchanged) and skip it, and keep shards
+# whose teacher and data still match.
+_RELABEL = (
+    "delete '{root}' and re-run `noisystudent pseudo-label` (or `noisystudent run`) to re-label"
+)
+
+
+def _tensor_names(path: Path) -> set[str] | None:
+    """The tensors a shard file holds (reads its header only), or None when it is unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys())
+    except Exception:
+        return None
 
 
 class PseudoLabelStore:
@@ -254,10 +216,15 @@ class PseudoLabelStore:
                 f"run `noisystudent pseudo-label` first"
             )
         meta = read_json(mp)
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        if meta.get("format") != FORMAT:
             raise UserError(
-                f"'{mp}' is format {meta.get('format')} version {meta.get('version')}; "
-                f"this noisystudent reads {FORMAT} version {VERSION}: re-run pseudo-label"
+                f"'{root}' is not a pseudo-label store (meta.json format {meta.get('format')!r}, "
+                f"expected {FORMAT!r}); {_RELABEL.format(root=root)}"
+            )
+        if meta.get("version") != VERSION:
+            raise UserError(
+                f"pseudo-label store '{root}' is version {meta.get('version')}; this noisystudent "
+                f"reads version {VERSION}: {_RELABEL.format(root=root)}"
             )
         for key, want in (expect or {}).items():
             have = meta.get("identity", {}).get(key)
@@ -272,6 +239,17 @@ class PseudoLabelStore:
             if not f.is_file() or not (root / f"{s['name']}.uids").is_file():
                 raise UserError(
                     f"pseudo-label shard '{f}' is missing; delete '{root}' and re-run pseudo-label"
+                )
+            names = _tensor_names(f)
+            if names is None:
+                raise UserError(
+                    f"pseudo-label shard '{f}' is unreadable; {_RELABEL.format(root=root)}"
+                )
+            if "index" not in names:
+                raise UserError(
+                    f"pseudo-label shard '{f}' has no `index` column (written by an older "
+                    f"noisystudent); this noisystudent reads version {VERSION}: "
+                    f"{_RELABEL.format(root=root)}"
                 )
             if s["start"] != pos:
                 raise UserError(
@@ -289,7 +267,8 @@ class PseudoLabelStore:
         self, fields: tuple[str, ...] = ("max_prob", "pred"), chunk: int = 1 << 20
     ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Yield (first row, {field: tensor}) over the whole store, at most `chunk` rows at a time,
-        reading only those rows (memory-mapped). Fields: max_prob, pred, topk_prob, topk_idx."""
+        reading only those rows (memory-mapped). Fields: max_prob, pred, topk_prob, topk_idx,
+        index."""
         for s in self.meta["shards"]:
             with safe_open(str(self.root / f"{s['name']}.safetensors"), framework="pt") as f:
                 for a in range(0, s["count"], chunk):
@@ -306,7 +285,8 @@ class PseudoLabelStore:
     def _column(self, name: str) -> torch.Tensor:
         if name not in self._cache:
             parts = [c[name] for _, c in self.iter_chunks((name,))]
-            self._cache[name] = torch.cat(parts) if parts else torch.zeros(0)
+            empty = torch.zeros(0, dtype=torch.long if name in ("pred", "index") else None)
+            self._cache[name] = torch.cat(parts) if parts else empty
         return self._cache[name]
 
     @property
@@ -324,6 +304,10 @@ class PseudoLabelStore:
     @property
     def topk_idx(self) -> torch.Tensor:  # (N, k) int16/int32
         return self._column("topk_idx")
+
+    @property
+    def index(self) -> torch.Tensor:  # (N,) int64: each row's position in the unlabeled ImageSet
+        return self._column("index")
 
     @property
     def uids(self) -> list[str]:

@@ -1,6 +1,5 @@
 """Evaluate one model on the whole robustness suite: clean, corruptions, perturbations,
-adversarial, filtered-hard subset, calibration. Returns the results.json dict (see README,
-"Robustness evaluation"). Reference-normalised scores need the reference's results dict,
+adversarial, filtered-hard subset, calibration. Returns the results dict (docs/robustness.md). Reference-normalised scores need the reference's results dict,
 computed on the same cached arrays (same fingerprint, table and seed), else an error.
 """
 
@@ -13,13 +12,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
+from ..engine import predict_array
 from ..errors import UserError
+from ..progress import bar
+from ..runtime import Runtime
 from . import corruptions as C
 from . import metrics as M
 from . import perturbations as P
-from .adversarial import adversarial_accuracy, eval_mode
+from .adversarial import adversarial_accuracy
 from .cache import SuiteCache
 
 
@@ -39,27 +40,13 @@ class SuiteOptions:
     progress: bool = False
 
 
-@torch.no_grad()
-def predict_logits(
-    model: nn.Module,
-    images: np.ndarray,
-    batch_size: int,
-    device: torch.device,
-    progress: bool = False,
-    desc: str = "predict",
-) -> torch.Tensor:
-    """Eval-mode logits (float32, CPU) of uint8 images (N, H, W, 3) (any leading shape)."""
+def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int, rt: Runtime,
+                   desc: str = "predict", progress: bool = False) -> torch.Tensor:  # fmt: skip
+    """Eval-mode logits (float32, CPU) of uint8 images (N, H, W, 3) (any leading shape), with
+    the precision and compile policy of the test-set evaluation (engine.predict_array)."""
     lead = images.shape[:-3]
     flat = images.reshape((-1,) + images.shape[-3:])
-    out = []
-    with eval_mode(model):
-        model.to(device).to(memory_format=torch.channels_last)  # NHWC input: no copy
-        for s in tqdm(
-            range(0, len(flat), batch_size), desc=desc, disable=not progress, leave=False
-        ):
-            x = torch.from_numpy(np.array(flat[s : s + batch_size])).to(device)
-            out.append(model(x.permute(0, 3, 1, 2)).float().cpu())
-    logits = torch.cat(out) if out else torch.empty(0)
+    logits = predict_array(model, flat, batch_size, rt, desc, progress)
     return logits.reshape(lead + logits.shape[-1:])
 
 
@@ -90,7 +77,7 @@ def evaluate_suite(
     model: nn.Module,
     cache: SuiteCache,
     opts: SuiteOptions,
-    device: torch.device,
+    rt: Runtime,
     reference: dict[str, Any] | None = None,
     reference_pred: np.ndarray | None = None,
     reference_where: str = "reference",
@@ -111,7 +98,7 @@ def evaluate_suite(
     res: dict[str, Any] = {"n_images": n, "meta": cache.meta}
 
     t0 = time.time()
-    logits = predict_logits(model, cache.images, bs, device, opts.progress, "clean")
+    logits = predict_logits(model, cache.images, bs, rt, "clean", progress=True)
     num_classes = logits.shape[1]
     pred = logits.argmax(1)
     clean_top1 = 100.0 * float((pred == labels).double().mean())
@@ -130,9 +117,9 @@ def evaluate_suite(
     if opts.corruptions:
         t0 = time.time()
         errors: dict[str, dict[str, float]] = {}
-        for name in tqdm(C.ALL, desc="corruptions", disable=not opts.progress, leave=False):
+        for name in bar(C.ALL, "corruptions", None, opts.progress):
             arr = cache.corruption(name)
-            lg = predict_logits(model, arr, bs, device)
+            lg = predict_logits(model, arr, bs, rt)
             wrong = (lg.argmax(1).reshape(5, n) != labels[None]).double().mean(1) * 100.0
             errors[name] = {str(s + 1): float(wrong[s]) for s in range(5)}
         res["corruption"] = errors
@@ -156,9 +143,9 @@ def evaluate_suite(
         t0 = time.time()
         flips, t5d = {}, {}
         m = n if opts.perturbation_subset is None else min(n, opts.perturbation_subset)
-        for name in tqdm(P.TEST, desc="perturbations", disable=not opts.progress, leave=False):
+        for name in bar(P.TEST, "perturbations", None, opts.progress):
             seq = cache.perturbation(name, m)
-            lg = predict_logits(model, seq, bs, device)  # (m, T, C)
+            lg = predict_logits(model, seq, bs, rt)  # (m, T, C)
             noise = name in P.NOISE
             flips[name] = M.flip_probability(lg.argmax(-1).numpy(), noise)
             if num_classes >= 5:
@@ -188,7 +175,7 @@ def evaluate_suite(
             opts.pgd_eps,
             opts.pgd_steps,
             min(bs, 128),
-            device,
+            rt.device,  # attacks stay fp32: gradients of a bf16 model are too coarse
             seed=opts.seed,
             progress=opts.progress,
         )
@@ -214,12 +201,12 @@ def evaluate_hard_set(
     images: np.ndarray,
     labels: np.ndarray,
     class_idx: list[int],
-    device: torch.device,
+    rt: Runtime,
     batch_size: int = 256,
 ) -> dict[str, Any]:
     """A user-supplied folder of hard images (ImageNet-A mode 1): argmax over its classes only.
     labels are indices into the model's classes."""
-    logits = M.restrict_logits(predict_logits(model, images, batch_size, device), class_idx)
+    logits = M.restrict_logits(predict_logits(model, images, batch_size, rt), class_idx)
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     out: dict[str, Any] = {"n": len(y), "classes": len(class_idx)}
     out["top1"] = 100.0 * float((logits.argmax(1) == y).double().mean())

@@ -1,0 +1,102 @@
+"""The run's images: the labeled, unlabeled and test sets the config describes, loaded once per
+command, with the policy for unreadable files applied (data.on_bad_image, data.on_bad_labeled,
+data.max_bad_fraction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .data import (
+    SMALL_IMAGE_MAX,
+    BadImage,
+    BadImageLog,
+    ImageSet,
+    decode_to_array,
+    digits_sets,
+    load_set,
+)
+from .errors import UserError
+from .rundir import RunDir
+
+
+@dataclass
+class Data:
+    labeled: ImageSet
+    unlabeled: ImageSet
+    test: ImageSet
+    size: int
+    small: bool
+
+    @property
+    def classes(self) -> list[str]:
+        return self.labeled.classes
+
+
+def _bad_log(cfg: Config, run: RunDir, s: ImageSet, what: str) -> BadImageLog:
+    """The policy for unreadable images of one set: unlabeled per data.on_bad_image, labeled and
+    test per data.on_bad_labeled; skipped ones listed in <run_dir>/skipped_<what>.txt."""
+    d = cfg.data
+    option = "data.on_bad_image" if what == "unlabeled" else "data.on_bad_labeled"
+    skip = (d.on_bad_image if what == "unlabeled" else d.on_bad_labeled) == "skip"
+    listing = run.paths.skipped(what)
+    return BadImageLog(what, len(s), skip, d.max_bad_fraction, listing, option)
+
+
+def load_data(cfg: Config, run: RunDir) -> Data:
+    """Labeled, unlabeled and test sets as the config describes; small images (<= 64 px)
+    are decoded once into a uint8 cache, larger ones read per access.
+
+    Unreadable images (not an image, truncated, corrupt): in the unlabeled set skipped, counted
+    and listed in skipped_unlabeled.txt (data.on_bad_image=skip, the default); in labeled or test
+    data an error naming the file (data.on_bad_labeled=skip skips them too). Skipping more than
+    data.max_bad_fraction of a set stops the run. Small images are all checked here; large ones
+    when first read (a DataLoader worker marks the file, the main process applies the policy)."""
+    d, size = cfg.data, cfg.data.image_size
+    if d.dataset == "digits":
+        lab, unl, test = digits_sets(size, d.labels_per_class, seed=cfg.seed)
+        return Data(lab, unl, test, size, small=True)
+    for key in ("labeled", "unlabeled", "test"):
+        if getattr(d, key) is None:
+            raise UserError(
+                f"config key 'data.{key}' is not set; give a folder (or data.dataset=digits)"
+            )
+    lab = load_set(d.labeled, "labeled")
+    test = load_set(d.test, "test")
+    if test.classes != lab.classes:
+        only_l = sorted(set(lab.classes) - set(test.classes))
+        only_t = sorted(set(test.classes) - set(lab.classes))
+        raise UserError(
+            f"test classes differ from labeled classes (only in labeled: {only_l}, only in "
+            f"test: {only_t}); data.test must have the same class folders as data.labeled"
+        )
+    unl = load_set(d.unlabeled, "unlabeled", lab.classes)
+    small = size <= SMALL_IMAGE_MAX
+    sets = {"labeled": lab, "test": test, "unlabeled": unl}
+    for what, s in list(sets.items()):
+        log = _bad_log(cfg, run, s, what)
+        if small:
+            cache = Path(d.cache_dir) if d.cache_dir else run.paths.cache
+            try:
+                s = decode_to_array(s, size, cache, what, skip_bad=log.skip, progress=cfg.progress)
+            except BadImage as e:
+                raise UserError(
+                    f"{e} ({what} data); fix or remove the file, or set {log.option}=skip to "
+                    f"skip unreadable images"
+                ) from None
+            for u in s.skipped:
+                log.add(u, write=False, check=False)
+            log.write()  # also removes a listing a fixed set no longer needs
+            log.check()
+            if s.skipped:
+                print(
+                    f"skipped {len(s.skipped)} unreadable {what} images (listed in {log.listing})"
+                )
+        else:
+            log.preload(set(s.uids))  # found by a previous, interrupted process
+        s.bad_log = log
+        if len(s) == 0:
+            raise UserError(f"no readable images in {what} data '{getattr(d, what)}'")
+        sets[what] = s
+    return Data(sets["labeled"], sets["unlabeled"], sets["test"], size, small)
