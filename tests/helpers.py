@@ -13,11 +13,15 @@ from PIL import Image
 
 from noisystudent import engine
 from noisystudent.augment import ViewDataset, train_transform
+from noisystudent.checkpoint import Checkpoint
 from noisystudent.config import TrainConfig, load_config
 from noisystudent.models import create_model
 from noisystudent.rundir import RunDir
+from noisystudent.runtime import Runtime
 
 from .conftest import tiny_overrides
+
+CPU = Runtime(torch.device("cpu"), "auto", "auto", False)  # what `start` makes without torchrun
 
 
 def tiny_cfg(data, run_dir, *extra):
@@ -62,14 +66,16 @@ def student_setup(n_lab=12, n_unl=32, size=16, seed=0):
     )
 
 
-def train_small(tmp, tc, workers=0, **kw):
-    """Train a tiny student in tmp/train (resuming from its checkpoint if there is one)."""
+def train_small(tmp, tc, workers=0, rt=CPU, ckpt=None):
+    """Train a tiny student with its checkpoint in tmp/train (resuming from it if there is
+    one); events go to tmp/metrics.jsonl as a stage's would."""
     torch.manual_seed(0)
     model = create_model("cifar_resnet8", 3, 0.3, 0.2)
     lab, y, unl, t = student_setup()
     run = RunDir(tmp)
-    engine.train(model, lab, y, tc, tmp / "train", run, "s", 0, torch.device("cpu"), unl, t,
-                 workers=workers, progress=False, log_every=2, **kw)  # fmt: skip
+    ckpt = ckpt or Checkpoint(tmp / "train" / "checkpoint.pt", every=tc.checkpoint_every_steps)
+    data = engine.TrainData(lab, y, unl, t, workers=workers)
+    engine.train(model, data, tc, ckpt, run.logger("s"), rt, 0, "s")
     return model, run
 
 

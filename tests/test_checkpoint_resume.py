@@ -8,18 +8,18 @@ import subprocess
 import pytest
 import torch
 
-from noisystudent import engine
+from noisystudent import checkpoint, engine
+from noisystudent.checkpoint import Checkpoint
 from noisystudent.errors import UserError
-from noisystudent.models import create_model
-from noisystudent.rundir import RunDir, load_state
+from noisystudent.rundir import load_state
 
-from .helpers import small_tc, student_setup, train_small
+from .helpers import small_tc, train_small
 
 
 def test_mid_epoch_resume_equals_uninterrupted(tmp_path, monkeypatch):
     tc = small_tc(epochs=2, checkpoint_every_steps=2)
     ref, ref_run = train_small(tmp_path / "ref", tc)
-    real = engine.save_state
+    real = checkpoint.save_state
     calls = {"n": 0}
 
     def crash_after_third(path, state):
@@ -28,12 +28,12 @@ def test_mid_epoch_resume_equals_uninterrupted(tmp_path, monkeypatch):
         if calls["n"] == 3:  # mid-epoch 2 (4 steps/epoch: checkpoints at 2, 4=end, 6)
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "save_state", crash_after_third)
+    monkeypatch.setattr(checkpoint, "save_state", crash_after_third)
     with pytest.raises(KeyboardInterrupt):
         train_small(tmp_path / "cut", tc)
     st = load_state(tmp_path / "cut" / "train" / "checkpoint.pt")
     assert st["position"] == {"epoch": 1, "step_in_epoch": 2, "step": 6}
-    monkeypatch.setattr(engine, "save_state", real)
+    monkeypatch.setattr(checkpoint, "save_state", real)
     got, got_run = train_small(tmp_path / "cut", tc)
     for k, v in ref.state_dict().items():
         assert torch.equal(v, got.state_dict()[k]), k
@@ -64,12 +64,9 @@ def test_training_checkpoint_for_other_classes_is_refused(tmp_path):
     st = load_state(tmp_path / "train" / "checkpoint.pt")
     st["identity"]["classes"] = ["x", "y"]
     torch.save(st, tmp_path / "train" / "checkpoint.pt")
+    ckpt = Checkpoint(tmp_path / "train" / "checkpoint.pt", {"classes": ["a", "b", "c"]})
     with pytest.raises(UserError, match=r"different run: classes=\['x', 'y'\]"):
-        model = create_model("cifar_resnet8", 3)
-        lab, y, unl, t = student_setup()
-        engine.train(model, lab, y, small_tc(epochs=1), tmp_path / "train", RunDir(tmp_path), "s", 0,
-                     torch.device("cpu"), unl, t, progress=False,
-                     identity={"classes": ["a", "b", "c"]})  # fmt: skip
+        train_small(tmp_path, small_tc(epochs=1), ckpt=ckpt)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -103,10 +100,11 @@ def test_extra_state_such_as_an_ema_is_checkpointed_and_restored(tmp_path, monke
 
     saved = Counter()
     saved.n += 7
-    train_small(tmp_path, small_tc(epochs=1), extra_state={"ema": saved})
+    path = tmp_path / "train" / "checkpoint.pt"
+    train_small(tmp_path, small_tc(epochs=1), ckpt=Checkpoint(path, extra={"ema": saved}))
     assert load_state(tmp_path / "train" / "checkpoint.pt")["extra"]["ema"]["n"] == 7
     restored = Counter()
-    train_small(tmp_path, small_tc(epochs=1), extra_state={"ema": restored})  # resumes at the end
+    train_small(tmp_path, small_tc(epochs=1), ckpt=Checkpoint(path, extra={"ema": restored}))
     assert restored.n == 7
 
 

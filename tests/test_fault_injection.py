@@ -123,7 +123,7 @@ def _train_records(run_dir: Path) -> dict:
 def _check_intact(run_dir: Path) -> None:
     """Every file is whole: JSON parses, safetensors and checkpoints load, manifest hashes match."""
     run = RunDir(run_dir)
-    for name in run.manifest()["stages"]:
+    for name in run.manifest.read()["stages"]:
         assert run.stage_done(name), (name, run.verify_outputs(name))
     for p in run_dir.rglob("*"):
         if not p.is_file():

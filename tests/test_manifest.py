@@ -13,11 +13,11 @@ def test_stage_is_done_only_while_outputs_verify(tmp_path):
     out = write_json(tmp_path / "x" / "out.json", {"v": 1})
     run.mark("s", "done", outputs=[out])
     assert run.stage_done("s")
-    rec = run.manifest()["stages"]["s"]["outputs"]["x/out.json"]
+    rec = run.manifest.read()["stages"]["s"]["outputs"]["x/out.json"]
     assert set(rec) == {"size", "sha256"}
     out.write_text(out.read_text().replace("1", "2"))  # same size, different content
     assert not run.stage_done("s")
-    assert "sha256" in run.verify_outputs("s")[0]
+    assert "sha256" in run.manifest.verify("s")[0]
     out.unlink()
     assert not run.stage_done("s")
     with pytest.raises(UserError, match="was not written"):
@@ -31,4 +31,4 @@ def test_stage_whose_input_changed_is_not_done(tmp_path):
     run.mark("label", "done", inputs=[teacher], outputs=[out])
     assert run.stage_done("label")
     write_text(teacher, "weights v2")  # the teacher was retrained: its labels are stale
-    assert run.stale_inputs("label") == ["teacher.bin"] and not run.stage_done("label")
+    assert run.manifest.stale_inputs("label") == ["teacher.bin"] and not run.stage_done("label")

@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from noisystudent import stages
+from noisystudent import artifacts, stages
 from noisystudent.errors import UserError
+from noisystudent.inputs import load_data
 from noisystudent.models import create_model
-from noisystudent.pipeline import open_run
-from noisystudent.rundir import RunDir, write_json
+from noisystudent.rundir import RunDir, open_run, write_json
 from noisystudent.store import PseudoLabelStore
 
-from .helpers import tiny_cfg
+from .helpers import CPU, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -29,30 +29,30 @@ def trained_run(tmp_path_factory):
             "test": mk(root / "test", 2, seed=3)}  # fmt: skip
     cfg = tiny_cfg(data, root / "run", "teacher.epochs=1")
     run = open_run(cfg)
-    d = stages.load_data(cfg, run)
-    stages.train_stage(cfg, run, d, 0)
+    d = load_data(cfg, run)
+    stages.train_stage(cfg, run, d, 0, CPU)
     yield cfg, run, d
     run.unlock()
 
 
 def _swap_model(run, i, name, classes, version="0.1.0", header=True):
     """Replace model i (weights and model.json) by another architecture/classes/version."""
-    path = run.model_path(i)
-    backup = (path.read_bytes(), (run.iter_dir(i) / "model.json").read_bytes())
+    path = run.it(i).model
+    backup = (path.read_bytes(), run.it(i).model_meta.read_bytes())
     m = create_model(name, len(classes))
     meta = {"format": "noisystudent-model", "format_version": "1", "name": name,
             "num_classes": str(len(classes)), "classes": json.dumps(classes),
             "noisystudent_version": version}  # fmt: skip
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path),
               metadata=meta if header else None)  # fmt: skip
-    write_json(run.iter_dir(i) / "model.json", {"name": name, "num_classes": len(classes),
+    write_json(run.it(i).model_meta, {"name": name, "num_classes": len(classes),
                                                 "classes": classes})  # fmt: skip
     return backup
 
 
 def _restore(run, i, backup):
-    run.model_path(i).write_bytes(backup[0])
-    (run.iter_dir(i) / "model.json").write_bytes(backup[1])
+    run.it(i).model.write_bytes(backup[0])
+    run.it(i).model_meta.write_bytes(backup[1])
 
 
 @pytest.mark.parametrize(
@@ -82,23 +82,23 @@ def test_foreign_model_file_is_refused_saying_what_differs(trained_run, name, cl
     backup = _swap_model(run, 0, name, classes or d.classes, version, header)
     try:
         with pytest.raises(UserError, match=match) as e:
-            stages.pseudo_label_stage(cfg, run, d, 0)
+            stages.pseudo_label_stage(cfg, run, d, 0, CPU)
         assert "\n" not in str(e.value)
     finally:
         _restore(run, 0, backup)
-    stages.load_model(run, 0, "teacher", cfg.models[0], d.classes)  # the real one loads
+    artifacts.load_model(run, 0, "teacher", cfg.models[0], d.classes)  # the real one loads
 
 
 def test_model_changed_after_training_is_refused(trained_run):
     cfg, run, d = trained_run
-    path = run.model_path(0)
+    path = run.it(0).model
     backup = path.read_bytes()
     try:
         b = bytearray(backup)
         b[-1] ^= 1  # one flipped bit in the weights
         path.write_bytes(bytes(b))
         with pytest.raises(UserError, match="changed after its training stage.*sha256"):
-            stages.load_model(run, 0, "teacher", cfg.models[0], d.classes)
+            artifacts.load_model(run, 0, "teacher", cfg.models[0], d.classes)
     finally:
         path.write_bytes(backup)
 
@@ -107,23 +107,21 @@ def test_missing_teacher_is_an_error_not_a_random_model(tmp_path, tiny_data):
     cfg = tiny_cfg(tiny_data, tmp_path / "run")
     run = open_run(cfg)
     try:
-        d = stages.load_data(cfg, run)
+        d = load_data(cfg, run)
         with pytest.raises(UserError, match="no teacher checkpoint at .*train-teacher"):
-            stages.pseudo_label_stage(cfg, run, d, 0)
+            stages.pseudo_label_stage(cfg, run, d, 0, CPU)
     finally:
         run.unlock()
 
 
 def test_pseudo_label_stage_resumes_after_its_last_complete_shard(trained_run, monkeypatch):
     cfg, run, d = trained_run
-    root = run.iter_dir(0) / "pseudo"
+    root = run.it(0).pseudo
     monkeypatch.setattr(cfg.pseudo, "shard_size", 4)
     monkeypatch.setattr(cfg.pseudo, "batch_size", 2)
-    stages.pseudo_label_stage(cfg, run, d, 0)  # one uninterrupted pass first, as the reference
+    stages.pseudo_label_stage(cfg, run, d, 0, CPU)  # one uninterrupted pass first, as the reference
     want = PseudoLabelStore.load(root)
-    m = run.manifest()
-    del m["stages"]["iter0/pseudo-label"]  # TODO(manifest.forget)
-    write_json(run.manifest_path, m)  # TODO(manifest.forget)
+    assert run.manifest.forget(run.it(0).stage("pseudo-label"))
     for f in root.iterdir():
         f.unlink()
 
@@ -140,13 +138,13 @@ def test_pseudo_label_stage_resumes_after_its_last_complete_shard(trained_run, m
 
     monkeypatch.setattr(labeling, "write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
-        stages.pseudo_label_stage(cfg, run, d, 0)
+        stages.pseudo_label_stage(cfg, run, d, 0, CPU)
     done = sorted(f.name for f in root.glob("shard-*.safetensors"))
     assert done == ["shard-00000.safetensors", "shard-00001.safetensors"]
     assert not (root / "meta.json").exists()
     kept = {f: (root / f).stat().st_mtime_ns for f in done}
     monkeypatch.setattr(labeling, "write_shard", real_write)
-    stages.pseudo_label_stage(cfg, run, d, 0)
+    stages.pseudo_label_stage(cfg, run, d, 0, CPU)
     got = PseudoLabelStore.load(root)
     assert got.uids == want.uids and torch.equal(got.topk_prob, want.topk_prob)
     assert {f: (root / f).stat().st_mtime_ns for f in done} == kept  # not labeled again
@@ -158,10 +156,10 @@ def test_two_cpu_runs_give_identical_pseudo_labels_and_metrics(tiny_data, tmp_pa
         cfg = tiny_cfg(tiny_data, tmp_path / name, "models=[cifar_resnet8]")
         run = open_run(cfg)
         try:
-            d = stages.load_data(cfg, run)
-            stages.train_stage(cfg, run, d, 0)
-            stages.evaluate_stage(cfg, run, d, 0)
-            stages.pseudo_label_stage(cfg, run, d, 0)
+            d = load_data(cfg, run)
+            stages.train_stage(cfg, run, d, 0, CPU)
+            stages.evaluate_stage(cfg, run, d, 0, CPU)
+            stages.pseudo_label_stage(cfg, run, d, 0, CPU)
         finally:
             run.unlock()
     a, b = tmp_path / "a", tmp_path / "b"

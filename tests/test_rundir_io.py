@@ -43,13 +43,13 @@ def test_disk_full_during_checkpoint_keeps_previous_checkpoint(tmp_path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *a, **k)
 
-    monkeypatch.setattr("noisystudent.rundir.torch.save", flaky_save)
+    monkeypatch.setattr("noisystudent.rundir.io.torch.save", flaky_save)
     with pytest.raises(UserError, match="disk is full.*previous version"):
         train_small(tmp_path, tc)
     st = load_state(tmp_path / "train" / "checkpoint.pt")  # the first one, intact
     assert st["position"]["step"] == 2
     assert not list((tmp_path / "train").glob(".*.tmp"))
-    monkeypatch.setattr("noisystudent.rundir.torch.save", real_save)
+    monkeypatch.setattr("noisystudent.rundir.io.torch.save", real_save)
     train_small(tmp_path, tc)  # and the run resumes from it
     assert load_state(tmp_path / "train" / "checkpoint.pt")["position"]["epoch"] == 1
 
@@ -57,7 +57,7 @@ def test_disk_full_during_checkpoint_keeps_previous_checkpoint(tmp_path, monkeyp
 def test_lock_cleans_temp_files_and_a_torn_metrics_line(tmp_path):
     run = RunDir(tmp_path)
     run.log(event="a")
-    with open(run.metrics_path, "a") as f:
+    with open(run.paths.metrics, "a") as f:
         f.write('{"event": "tor')  # a power cut in the middle of an append
     (tmp_path / "iter0").mkdir()
     orphan = tmp_path / "iter0" / ".model.safetensors.abc123.tmp"
@@ -70,7 +70,7 @@ def test_lock_cleans_temp_files_and_a_torn_metrics_line(tmp_path):
     run.lock()
     try:
         assert not orphan.exists() and not rust_orphan.exists() and keep.exists()
-        assert run.metrics_path.read_text().count("\n") == 1
+        assert run.paths.metrics.read_text().count("\n") == 1
         run.log(event="b")
         assert [e["event"] for e in run.metrics()] == ["a", "b"]
     finally:

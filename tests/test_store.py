@@ -15,6 +15,7 @@ from noisystudent.data import BadImageLog, ImageSet, hidden_labels
 from noisystudent.errors import UserError
 from noisystudent.labeling import collect_shards, data_fingerprint, label_shards
 from noisystudent.rundir import save_tensors
+from noisystudent.runtime import Runtime
 from noisystudent.store import (
     VERSION,
     PseudoLabelStore,
@@ -81,7 +82,7 @@ def _label(root, images, logits, shard_size=7, topk=None, temperature=1.0, batch
     k = default_topk(c, topk)
     ident = identity or _identity(images, k, temperature)
     label_shards(Lookup(logits), images, SIZE, root, c, k, temperature, ident, shard_size, batch,
-                 torch.device("cpu"))  # fmt: skip
+                 Runtime(torch.device("cpu"), "fp32", "off"))  # fmt: skip
     shards = collect_shards(root, len(images), shard_size, ident)
     return write_meta(root, c, k, temperature, {"model": "lookup"}, shards, ident)
 

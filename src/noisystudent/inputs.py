@@ -5,8 +5,8 @@ data.max_bad_fraction)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
+from . import distributed as dist
 from .config import Config
 from .data import (
     SMALL_IMAGE_MAX,
@@ -77,7 +77,7 @@ def load_data(cfg: Config, run: RunDir) -> Data:
     for what, s in list(sets.items()):
         log = _bad_log(cfg, run, s, what)
         if small:
-            cache = Path(d.cache_dir) if d.cache_dir else run.paths.cache
+            cache = run.paths.decode_cache(d.cache_dir)
             try:
                 s = decode_to_array(s, size, cache, what, skip_bad=log.skip, progress=cfg.progress)
             except BadImage as e:
@@ -89,7 +89,7 @@ def load_data(cfg: Config, run: RunDir) -> Data:
                 log.add(u, write=False, check=False)
             log.write()  # also removes a listing a fixed set no longer needs
             log.check()
-            if s.skipped:
+            if s.skipped and dist.is_main():
                 print(
                     f"skipped {len(s.skipped)} unreadable {what} images (listed in {log.listing})"
                 )

@@ -38,6 +38,7 @@ from safetensors import safe_open
 
 from .errors import UserError
 from .rundir import atomic_write, read_json, save_tensors, write_json
+from .rundir.layout import SHARD_PREFIX, STORE_META
 
 FORMAT = "noisystudent-pseudo-labels"
 VERSION = 3
@@ -54,7 +55,7 @@ def index_dtype(num_classes: int) -> torch.dtype:
 
 
 def shard_name(j: int) -> str:
-    return f"shard-{j:05d}"
+    return f"{SHARD_PREFIX}{j:05d}"
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
@@ -143,13 +144,13 @@ def write_meta(
         "identity": identity or {},
         "shards": shards,
     }
-    write_json(Path(root) / "meta.json", meta)
+    write_json(Path(root) / STORE_META, meta)
     return meta
 
 
 def store_files(root: str | Path, shards: list[dict[str, Any]]) -> list[Path]:
     root = Path(root)
-    out = [root / "meta.json"]
+    out = [root / STORE_META]
     for s in shards:
         out += [root / f"{s['name']}.safetensors", root / f"{s['name']}.uids"]
     return out
@@ -209,7 +210,7 @@ class PseudoLabelStore:
         """Open a complete store; `expect` (e.g. teacher_sha256, data_fingerprint) must match the
         identity it was written with, else it is refused."""
         root = Path(root)
-        mp = root / "meta.json"
+        mp = root / STORE_META
         if not mp.is_file():
             raise UserError(
                 f"no complete pseudo-label store in '{root}' (meta.json missing); "

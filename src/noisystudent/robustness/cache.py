@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..rundir import atomic_write, read_json, write_json
+from ..rundir.layout import CACHE_META
 from . import corruptions as C
 from . import perturbations as P
 
@@ -89,7 +90,7 @@ class SuiteCache:
             "frost": self.frost_source,
             "uint8": "truncation",
         }
-        meta_path = self.dir / "meta.json"
+        meta_path = self.dir / CACHE_META
         if meta_path.is_file():
             old = read_json(meta_path)
             if old != self.meta:

@@ -32,6 +32,8 @@ from pathlib import Path
 # inside a pseudo-label store folder (store.py reads and writes these names)
 STORE_META = "meta.json"
 SHARD_PREFIX = "shard-"
+# inside the robustness suite's cache folder (robustness/cache.py)
+CACHE_META = "meta.json"
 
 _ITER = re.compile(r"iter(\d+)")
 
@@ -166,6 +168,14 @@ class RunLayout:
     @property
     def cache(self) -> Path:
         return self.root / "cache"
+
+    def decode_cache(self, cache_dir: str | Path | None = None) -> Path:
+        """The uint8 decode cache: data.cache_dir when set (shared between runs), else cache/."""
+        return Path(cache_dir) if cache_dir else self.cache
+
+    def robustness_cache(self, cache_dir: str | Path | None = None) -> Path:
+        """The corrupted and perturbed test arrays of the robustness suite, beside the decodes."""
+        return self.decode_cache(cache_dir) / "robustness"
 
     def skipped(self, what: str) -> Path:
         """Listing of the unreadable images of set `what` (labeled, unlabeled, test)."""

@@ -70,14 +70,20 @@ def open_cache(cfg: Config, run: RunDir, data: Any) -> SuiteCache:
     """The test set (subset) as uint8 arrays at the evaluation resolution, and its cache."""
     rc = cfg.robustness
     test = data.test
-    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run.paths.cache
+    root = run.paths.decode_cache(cfg.data.cache_dir)
     if test.array is None or test.array.shape[1] != data.size:
         test = decode_to_array(test, data.size, root, "test", skip_bad=False, progress=cfg.progress)
     idx = subset_indices(len(test), rc.subset, rc.seed)
     images = np.ascontiguousarray(test.array[idx])
     table = C.choose_table(data.size, rc.table)
     return SuiteCache(
-        root / "robustness", images, test.labels[idx], table, rc.seed, rc.frost_dir, cfg.progress
+        run.paths.robustness_cache(cfg.data.cache_dir),
+        images,
+        test.labels[idx],
+        table,
+        rc.seed,
+        rc.frost_dir,
+        cfg.progress,
     )
 
 
