@@ -121,8 +121,8 @@ class FinetuneConfig:
 
 @dataclass
 class RobustnessConfig:
-    """`noisystudent robustness` and the pipeline's per-iteration robustness stage (README,
-    "Robustness evaluation"; protocols in docs/robustness.md)."""
+    """`noisystudent robustness` and the pipeline's per-iteration robustness stage (protocols
+    in docs/robustness.md)."""
 
     enabled: bool = (
         False  # pipeline: evaluate every model after training (off: the demo stays fast)
@@ -165,10 +165,10 @@ class Config:
     # "auto": bf16 autocast where the CPU/GPU runs it natively, fp16 + grad scaler on CUDA GPUs
     # without bf16, else fp32; "fp32" forces full precision; "bf16"/"fp16" force those
     precision: str = "auto"
-    # torch.compile: "auto" compiles only where it was measured to pay for its compile time on
-    # CPU (training runs of >= 2,000 steps, inference over >= 40,000 images; engine.py has the
-    # figures); "on" always (training and inference, CPU and CUDA); "off" never. true/false are
-    # read as on/off.
+    # torch.compile: "auto" compiles only where it pays for its compile time on CPU (training
+    # runs of >= 2,000 steps, inference over >= 40,000 images; runtime.py has the thresholds,
+    # docs/method.md "Performance: precision and compile" the reasons); "on" always (training
+    # and inference, CPU and CUDA); "off" never. true/false are read as on/off.
     compile: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import UserError
+from .progress import bar as progress_bar
 from .rundir import atomic_write, write_json, write_text
 from .tarshards import TarMember, is_tar, scan_tars
 
@@ -454,11 +455,9 @@ def decode_to_array(
             return out
         except Exception:
             cache.unlink(missing_ok=True)  # a damaged cache is rebuilt, never trusted
-    from tqdm import tqdm
-
     arr = np.zeros((len(s), size, size, 3), dtype=np.uint8)
     keep = np.ones(len(s), dtype=bool)
-    it = tqdm(range(len(s)), desc=f"decode {what}", disable=not progress, leave=False)
+    it = progress_bar(range(len(s)), f"decode {what}", len(s), progress)
     for i in it:
         try:
             arr[i] = np.asarray(resize_center(s.image(i), size))

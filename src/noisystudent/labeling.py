@@ -33,9 +33,9 @@ from .store import (
     write_shard,
 )
 
-# malloc_trim every this many batches within a shard (256 images each): without it the heap of
-# freed decode buffers grew with the rows labeled (peak 862 MB after a 50,000-row shard, 940 MB
-# after a 65,536-row one), so a short pass peaked lower than a long one's first, full shard.
+# malloc_trim every this many batches within a shard: without it the heap of freed decode
+# buffers grows with the rows labeled, so a long pass peaks higher than a short one
+# (bench/store_scale.py; bench/README.md).
 TRIM_EVERY_BATCHES = 32
 
 

@@ -18,9 +18,8 @@ from .errors import UserError
 
 # `compile: auto` thresholds: compiling costs seconds up front (docs/method.md, "Performance:
 # precision and compile" has the measurements), so it is used only on CPU and only for work
-# long enough to win that time back. Inference: inductor with weight freezing (conv + BN folded,
-# weights prepacked) pays from ~40k images. Training: pays from ~1,000 steps of a 256-image
-# batch; 2,000 leaves a margin for larger models.
+# long enough to win that time back: inference with weight freezing (conv + BN folded, weights
+# prepacked) over many images; training over many steps, with a margin for larger models.
 COMPILE_INFER_MIN_IMAGES = 40_000
 COMPILE_TRAIN_MIN_STEPS = 2_000
 

@@ -158,8 +158,8 @@ def store_files(root: str | Path, shards: list[dict[str, Any]]) -> list[Path]:
 
 def _release_free_memory() -> None:
     """Hand freed heap memory back to the OS (glibc). Streaming many chunks of varying sizes
-    otherwise ratchets glibc's mmap threshold up and fragments the heap: measured here, peak RSS
-    of a selection over 10M rows grew 1.58x over 1M without this, 1.005x with it."""
+    otherwise ratchets glibc's mmap threshold up and fragments the heap, so peak memory grows
+    with the rows read (bench/store_scale.py measures it; figures in bench/README.md)."""
     global _LIBC
     if _LIBC is None:
         try:

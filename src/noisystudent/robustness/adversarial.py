@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..progress import bar as progress_bar
+
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
@@ -92,15 +94,13 @@ def adversarial_accuracy(
     images: uint8 (N, H, W, 3); labels: (N,). FGSM's direction does not depend on eps, so one
     gradient per batch serves every eps. `use_predicted_labels` attacks the model's own clean
     prediction (avoids label leaking, as Hendrycks' FGSM helper)."""
-    from tqdm import tqdm
-
     model.to(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     hits = {e: 0 for e in fgsm_eps_px}
     pgd_hits, n = 0, len(labels)
     with eval_mode(model):
-        bar = tqdm(range(0, n, batch_size), desc="adversarial", disable=not progress, leave=False)
+        bar = progress_bar(range(0, n, batch_size), "adversarial", None, progress)
         for s in bar:
             x = images[s : s + batch_size].to(device).permute(0, 3, 1, 2).float().div(255.0)
             y = labels[s : s + batch_size].to(device)

@@ -19,9 +19,9 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from ..errors import UserError
+from ..progress import bar as progress_bar
 from ..rundir import atomic_write, read_json, write_json
 from ..rundir.layout import CACHE_META
 from . import corruptions as C
@@ -125,7 +125,7 @@ class SuiteCache:
             n = len(self.images)
             out = np.empty((5 * n,) + self.images.shape[1:], dtype=np.uint8)
             bank = self._frost_bank() if name == "frost" else None
-            bar = tqdm(total=5 * n, desc=f"corrupt {name}", disable=not self.progress, leave=False)
+            bar = progress_bar(None, f"corrupt {name}", 5 * n, self.progress)
             for s in range(1, 6):
                 rng = np.random.default_rng([self.seed, ci, s])
                 for k in range(n):
@@ -157,7 +157,7 @@ class SuiteCache:
             t = P.frame_count(name, self.kind)
             out = np.empty((n, t) + self.images.shape[1:], dtype=np.uint8)
             rng = np.random.default_rng([self.seed, 100 + pi])
-            it = tqdm(range(n), desc=f"perturb {name}", disable=not self.progress, leave=False)
+            it = progress_bar(range(n), f"perturb {name}", n, self.progress)
             for k in it:
                 out[k] = P.sequence(self.images[k], name, rng, self.kind)
             return out

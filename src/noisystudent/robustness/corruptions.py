@@ -66,7 +66,6 @@ RANDOM = frozenset(
         "elastic_transform",
     }
 )
-TABLE_NAMES = ("cifar32", "tiny64", "imagenet224")
 
 # AlexNet ImageNet-C errors averaged over the 5 severities (fractions; AugMix imagenet.py).
 # Only meaningful for genuine ImageNet-C; custom data is normalised by a reference model.
