@@ -22,7 +22,6 @@ import copy
 import itertools
 import logging
 import math
-import random
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -45,6 +44,7 @@ from .errors import UserError
 from .losses import soft_cross_entropy
 from .progress import bar
 from .runtime import Runtime
+from .seeds import mix, seed_item, stage_seed
 
 LOG_EVERY = 50  # steps between metrics lines (and the host sync of the finite-loss check)
 
@@ -72,36 +72,6 @@ def train_memory_format(model: nn.Module, rt: Runtime) -> torch.memory_format:
     if rt.device.type == "cpu" and rt.amp == torch.bfloat16 and has_depthwise_conv(model):
         return torch.contiguous_format
     return torch.channels_last
-
-
-# --------------------------------------------------------------------------------------------
-# seeds
-def _stage_seed(seed: int, tag: str, epoch: int) -> int:
-    return (
-        seed * 1_000_003 + sum(ord(c) * 31**i for i, c in enumerate(tag)) + epoch * 7919
-    ) % 2**31
-
-
-_M64 = 0xFFFF_FFFF_FFFF_FFFF
-
-
-def _mix(*xs: int) -> int:
-    """A well-spread 63-bit seed from integers (splitmix64 steps); cheap enough per image."""
-    h = 0x9E37_79B9_7F4A_7C15
-    for x in xs:
-        h = ((h ^ (x & _M64)) * 0xBF58_476D_1CE4_E5B9) & _M64
-        h ^= h >> 31
-        h = (h * 0x94D0_49BB_1331_11EB) & _M64
-        h ^= h >> 29
-    return h >> 1
-
-
-def _seed_item(s: int) -> None:
-    """Seed the generators augmentations draw from (Python random: timm RandAugment; torch CPU:
-    torchvision crops and flips; numpy) for one image."""
-    random.seed(s)
-    np.random.seed(s & 0xFFFF_FFFF)
-    torch.random.default_generator.manual_seed(s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +115,7 @@ class _Items(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         i, s = key if isinstance(key, tuple) else (key, None)
         if s is not None:
-            _seed_item(s)
+            seed_item(s)
         try:
             return self.ds[i]
         except BadImage:
@@ -188,7 +158,7 @@ class _BatchPlan:
 
     def _perm(self, k: int) -> list[int]:
         s = DistributedSampler(range(self.n), num_replicas=self.world, rank=self.rank,
-                               shuffle=True, seed=_mix(self.seed, k), drop_last=self.world > 1)  # fmt: skip
+                               shuffle=True, seed=mix(self.seed, k), drop_last=self.world > 1)  # fmt: skip
         return list(s)  # epoch 0: randperm(n) from a generator seeded with seed, then rank slice
 
     def __len__(self) -> int:
@@ -202,7 +172,7 @@ class _BatchPlan:
                 perm, perm_k = self._perm(k), k
             rows = perm[slot * self.batch : (slot + 1) * self.batch]
             off = self.rank * self.batch
-            yield [(r, _mix(self.seed, j, off + pos)) for pos, r in enumerate(rows)]
+            yield [(r, mix(self.seed, j, off + pos)) for pos, r in enumerate(rows)]
 
 
 def _array_batches(ds: ViewDataset, plan: _BatchPlan) -> Iterator:
@@ -361,12 +331,12 @@ def _prepare(model: nn.Module, tc: TrainConfig, rt: Runtime):
 def _epoch_batches(data: TrainData, steps: _Steps, es: int, i0: int, rt: Runtime) -> Iterator:
     """Steps i0.. of one epoch: (step, labeled images, labels, unlabeled images or None, their
     targets or None), unreadable files dropped per their set's policy."""
-    lab_plan = _BatchPlan(len(data.labeled), steps.bl, steps.lab_drop_last, _mix(es, 0), i0,
+    lab_plan = _BatchPlan(len(data.labeled), steps.bl, steps.lab_drop_last, mix(es, 0), i0,
                           steps.per_epoch, rt.rank, rt.world)  # fmt: skip
     lab_it = _plan_loader(data.labeled, lab_plan, data.workers)
     unl_it = None
     if data.unlabeled is not None:
-        unl_plan = _BatchPlan(len(data.unlabeled), steps.bu, True, _mix(es, 1), i0,
+        unl_plan = _BatchPlan(len(data.unlabeled), steps.bu, True, mix(es, 1), i0,
                               steps.per_epoch, rt.rank, rt.world)  # fmt: skip
         unl_it = _plan_loader(data.unlabeled, unl_plan, data.workers)
     for i in range(i0, steps.per_epoch):
@@ -381,7 +351,7 @@ def _epoch_batches(data: TrainData, steps: _Steps, es: int, i0: int, rt: Runtime
 
 def _step_seed(es: int, what: int, i: int, rt: Runtime) -> int:
     """The seed of step i's model noise (what=2) or batch noise (what=3), per rank."""
-    return _mix(es, what, i, rt.rank) if rt.world > 1 else _mix(es, what, i)
+    return mix(es, what, i, rt.rank) if rt.world > 1 else mix(es, what, i)
 
 
 def train(model: nn.Module, data: TrainData, tc: TrainConfig, ckpt: Checkpoint,
@@ -429,7 +399,7 @@ def train(model: nn.Module, data: TrainData, tc: TrainConfig, ckpt: Checkpoint,
         ckpt.save(parts, position, meters.state(), loss_val, t_used + time.time() - t0)
 
     for epoch in range(start_epoch, tc.epochs):
-        es = _stage_seed(seed, tag, epoch)
+        es = stage_seed(seed, tag, epoch)
         i0 = start_i if epoch == start_epoch else 0
         model.train()
         batches = _epoch_batches(data, steps, es, i0, rt)

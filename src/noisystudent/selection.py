@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
+from .seeds import row_uniforms
+
 
 def filter_by_confidence(conf: torch.Tensor, threshold: float) -> torch.Tensor:
     """Indices of images with conf >= threshold (paper: 0.3 drops mostly out-of-domain images)."""
@@ -105,24 +107,6 @@ def class_thresholds(
     t = torch.where(ok, bins, torch.full_like(bins, -1)).max(1).values
     t = torch.where(t < 0, torch.full_like(t, b_min), t)
     return t, above.gather(1, t[:, None]).squeeze(1)
-
-
-_M64 = (1 << 64) - 1
-
-
-def _signed(x: int) -> int:
-    x &= _M64
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-def row_uniforms(rows: torch.Tensor, seed: int) -> torch.Tensor:
-    """A uniform [0, 1) number per row index, a pure function of (seed, row) (a splitmix64-style
-    hash), so the Bernoulli draws do not depend on chunk size, shard layout or rank count."""
-    x = rows.long() * _signed(0x9E3779B97F4A7C15) + _signed(seed * 0xD1B54A32D192ED03 + 1)
-    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _signed(0xBF58476D1CE4E5B9)
-    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _signed(0x94D049BB133111EB)
-    x = x ^ ((x >> 31) & ((1 << 33) - 1))
-    return ((x >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
 
 
 def copy_counts(
