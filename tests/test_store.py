@@ -210,6 +210,21 @@ def test_shard_without_index_is_refused_like_an_old_version(tmp_path):
         PseudoLabelStore.load(tmp_path)
 
 
+def test_an_older_format_shard_left_by_an_interrupted_labeling_is_labeled_again(tmp_path):
+    images, logits = _images(12, 3), _logits(12, 3)
+    _label(tmp_path, images, logits)
+    want = PseudoLabelStore.load(tmp_path)
+    f = tmp_path / "shard-00001.safetensors"
+    t = load_file(str(f))
+    del t["index"]  # a version-2 shard from an older noisystudent, same identity
+    save_tensors(f, t, {**shard_metadata(f), "version": "2"})
+    (tmp_path / "meta.json").unlink()  # the stage had not finished
+    _label(tmp_path, images, logits)
+    got = PseudoLabelStore.load(tmp_path)
+    assert torch.equal(got.index, want.index) and torch.equal(got.topk_prob, want.topk_prob)
+    assert shard_metadata(f)["version"] == str(VERSION)
+
+
 def test_identity_mismatch_refused_and_recorded_in_shards(tmp_path):
     images = _images(9, 3)
     ident = _identity(images, 3, 1.0)

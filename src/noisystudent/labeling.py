@@ -25,6 +25,7 @@ from .engine import predict
 from .errors import UserError
 from .runtime import Runtime
 from .store import (
+    VERSION,
     _release_free_memory,
     shard_metadata,
     shard_name,
@@ -55,8 +56,12 @@ def check_shard(root: Path, j: int, start: int, count: int, identity: dict[str, 
     if not path.is_file():
         return False
     md = shard_metadata(path)
-    if md is None or not (root / f"{shard_name(j)}.uids").is_file():
-        path.unlink(missing_ok=True)  # unreadable: re-label it
+    if (
+        md is None
+        or not (root / f"{shard_name(j)}.uids").is_file()
+        or md.get("version") != str(VERSION)
+    ):
+        path.unlink(missing_ok=True)  # unreadable, or an older store format: re-label it
         return False
     for key, want in identity.items():
         if md.get(key) != str(want):
