@@ -1,5 +1,6 @@
 """The package's shape, checked from its source: imports go one way (no circle, no lower layer
-reaching up), and a path inside a run directory is spelled only in rundir/layout.py."""
+reaching up), and a path inside a run directory is spelled only in rundir/layout.py (in the
+package and in the benchmarks)."""
 
 from __future__ import annotations
 
@@ -149,6 +150,15 @@ def test_run_directory_paths_are_spelled_only_in_the_layout():
     layout = PKG / "rundir" / "layout.py"
     found = [hit for p in sorted(PKG.rglob("*.py")) if p != layout
              for hit in _path_literals(p.read_text(), str(p.relative_to(PKG)))]  # fmt: skip
+    assert found == []
+
+
+def test_benchmarks_ask_the_layout_too():
+    """bench/ reads run directories the pipeline wrote: through the same layout."""
+    bench = PKG.parents[1] / "bench"
+    scripts = sorted(bench.glob("*.py"))
+    assert scripts, f"no benchmark scripts under {bench}"
+    found = [hit for p in scripts for hit in _path_literals(p.read_text(), f"bench/{p.name}")]
     assert found == []
 
 

@@ -11,6 +11,7 @@ import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -22,6 +23,7 @@ from noisystudent.config import load_config
 from noisystudent.errors import UserError
 from noisystudent.pipeline import run_pipeline
 from noisystudent.report import SECTIONS, build_report, report_path
+from noisystudent.rundir import RunLayout, read_json
 
 pytest.importorskip("matplotlib")
 
@@ -155,8 +157,35 @@ def test_pipeline_writes_report_with_every_section(tiny_run: Path) -> None:
         assert img.format == "PNG" and img.width >= 300 and img.height >= 150
     for sid in ("training", "confidence", "selection", "samples", "confusion"):
         assert "<img" in _section(html, sid), sid
-    assert "cifar_resnet8" in _section(html, "iterations")
+    iters = _section(html, "iterations")
+    assert "cifar_resnet8" in iters
+    # the selection that trained the student, in both of its fractions (select.threshold=0:
+    # every image passes the filter; balancing keeps fewer distinct ones)
+    counts = read_json(RunLayout(tiny_run).it(0).counts)
+    assert "passed filter" in iters and "kept unique" in iters
+    assert f"{counts['passed_filter_fraction']:.3f}" in iters
+    assert f"{counts['kept_unique_fraction']:.3f}" in iters
+    sel = _section(html, "selection")
+    assert f"{counts['passed_filter']} of {counts['total']} images passed" in sel
+    assert f"{counts['kept_unique']} distinct images kept" in sel
     assert "No robustness results" in _section(html, "robustness")
+
+
+def test_samples_refused_when_the_unlabeled_set_changed(tiny_run: Path, tmp_path: Path) -> None:
+    """Store rows name images by position in the set they labeled: once the set has changed
+    (an image removed here), the report says so instead of showing other images' pictures."""
+    from noisystudent.inputs import load_data
+    from noisystudent.rundir import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    data = load_data(load_config(run), RunDir(run))
+    n = len(data.unlabeled)
+    data.unlabeled = data.unlabeled.subset(np.arange(1, n))
+    html = build_report(run, data=data, tensorboard=False).path.read_text()
+    samples = _section(html, "samples")
+    assert "changed since teacher iter0 labeled them" in samples and "<img" not in samples
+    assert "no hidden labels" in _section(html, "confidence")
 
 
 def test_cli_report_with_synthetic_robustness_results(
@@ -166,8 +195,9 @@ def test_cli_report_with_synthetic_robustness_results(
     shutil.copytree(tiny_run, run)
     report_path(run).unlink()
     for i, res in ((0, REFERENCE), (1, ROBUSTNESS)):
-        (run / f"iter{i}" / "robustness").mkdir()
-        (run / f"iter{i}" / "robustness" / "results.json").write_text(json.dumps(res))
+        paths = RunLayout(run).it(i)
+        paths.robustness.mkdir()
+        paths.robustness_results.write_text(json.dumps(res))
     assert cli.main(["report", str(run)]) == 0
     out, err = capsys.readouterr()
     assert str(report_path(run)) in out and "warning" not in err
@@ -192,11 +222,12 @@ def test_cli_report_with_synthetic_robustness_results(
 def test_partial_run_still_gets_every_section(tiny_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    for p in ("iter0/pseudo", "iter0/select", "iter1"):
-        shutil.rmtree(run / p)
-    (run / "metrics.jsonl").write_text('{"stage": "iter0/train", "event": "train", "ste\n')
-    (run / "iter0" / "eval.json").write_text("{not json")
-    (run / "summary.json").write_text("[]")
+    layout = RunLayout(run)
+    for p in (layout.it(0).pseudo, layout.it(0).select_dir, layout.it(1).dir):
+        shutil.rmtree(p)
+    layout.metrics.write_text('{"stage": "iter0/train", "event": "train", "ste\n')
+    layout.it(0).eval.write_text("{not json")
+    layout.summary.write_text("[]")
     rep = build_report(run, tensorboard=False)
     page = _parse(rep.path)
     assert page.ids == [sid for sid, _ in SECTIONS]
@@ -228,9 +259,10 @@ def test_report_failure_keeps_the_run(
 ) -> None:
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    config = RunLayout(run).config
+    cfg = yaml.safe_load(config.read_text())
     cfg["run_dir"] = str(run)  # a copied run directory, resumed where it is now
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     def broken(*a, **k):
         raise RuntimeError("boom")
@@ -250,7 +282,7 @@ def test_tensorboard_scalars_use_metrics_names(tiny_run: Path, tmp_path: Path) -
     from noisystudent.tb import export_scalars
 
     out = tmp_path / "tb"
-    n = export_scalars(tiny_run / "metrics.jsonl", out)
+    n = export_scalars(RunLayout(tiny_run).metrics, out)
     assert n and n > 0
     acc = EventAccumulator(str(out))
     acc.Reload()
@@ -262,7 +294,7 @@ def test_tensorboard_scalars_use_metrics_names(tiny_run: Path, tmp_path: Path) -
         "iter0/evaluate/top1",
     ):
         assert tag in tags, tags
-    assert export_scalars(tiny_run / "metrics.jsonl", out) == n  # rebuilt, not appended
+    assert export_scalars(RunLayout(tiny_run).metrics, out) == n  # rebuilt, not appended
     acc = EventAccumulator(str(out))
     acc.Reload()
     steps = [e.step for e in acc.Scalars("iter0/train/loss")]

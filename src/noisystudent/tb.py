@@ -4,7 +4,8 @@
     tensorboard --logdir RUN_DIR/tensorboard
 
 Tags are the names metrics.jsonl uses: `<stage>/<field>`, e.g. `iter0/train/loss`,
-`iter0/train/train_acc`, `iter0/train/lr`, `iter0/evaluate/top1`, `iter0/select/kept_fraction`.
+`iter0/train/train_acc`, `iter0/train/lr`, `iter0/evaluate/top1`,
+`iter0/select/passed_filter_fraction`, `iter0/select/kept_unique_fraction`.
 Training scalars are indexed by their optimizer `step`; one-off events (eval, select, ...) by
 their iteration. The folder is rebuilt from metrics.jsonl each time (by the report, at the end of
 every run), so it always matches the file and a resumed run never leaves duplicate points.
@@ -12,8 +13,9 @@ every run), so it always matches the file and a resumed run never leaves duplica
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from .rundir import read_lines_json
 
 # fields of a metrics.jsonl record that index or describe it rather than measure something
 NOT_SCALARS = {"time", "stage", "event", "step", "epoch"}
@@ -50,13 +52,7 @@ def export_scalars(metrics_path: str | Path, out_dir: str | Path) -> int | None:
     n = 0
     writer = SummaryWriter(log_dir=str(out_dir))
     try:
-        for line in metrics_path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a killed run
-            if not isinstance(rec, dict):
-                continue
+        for rec in read_lines_json(metrics_path)[0]:  # a line cut short by a killed run: skipped
             stage = str(rec.get("stage", ""))
             step = rec.get("step")
             if not isinstance(step, int):

@@ -4,7 +4,8 @@
 
 Sections, each read from the run directory only (it never changes what a stage wrote):
 the resolved config in brief; one row per iteration (model, parameters, test top-1/top-5,
-pseudo-label accuracy, kept fraction, wall time); training curves (loss, accuracy, learning rate)
+pseudo-label accuracy, the fractions that passed the confidence filter and that were kept
+after balancing, wall time); training curves (loss, accuracy, learning rate)
 per stage; teacher-confidence histograms; per-class counts before and after selection; sample
 pseudo-labeled images (most and least confident per class); the final model's confusion matrix;
 robustness (iter<i>/robustness/results.json) when present.
@@ -31,7 +32,7 @@ from typing import Any
 from .. import __version__
 from ..config import Config
 from ..errors import UserError
-from ..rundir import write_text
+from ..rundir import RunLayout, write_text
 from .parts import esc, note
 from .robustness import section_robustness
 from .runfiles import RunFiles, open_run_files
@@ -44,8 +45,6 @@ from .sections import (
     section_selection,
     section_training,
 )
-
-REPORT_NAME = "report.html"
 
 # (section id, title) in page order; the test checks that every one is present
 SECTIONS = [
@@ -61,7 +60,7 @@ SECTIONS = [
 
 
 def report_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / REPORT_NAME
+    return RunLayout(run_dir).report
 
 
 @dataclass
@@ -143,7 +142,7 @@ def build_report(
     """Write RUN_DIR/report.html from what the run directory holds; returns its path and the
     problems of the sections that could not be drawn.
 
-    cfg: the run's config (default: RUN_DIR/config.yaml); data: the run's `stages.Data` if the
+    cfg: the run's config (default: RUN_DIR/config.yaml); data: the run's `inputs.Data` if the
     caller has it loaded (default: loaded here, for the sample images and class names).
     tensorboard: also export metrics.jsonl as TensorBoard scalars to RUN_DIR/tensorboard when
     the `tensorboard` package is installed. A section whose files are unreadable shows the
@@ -158,7 +157,7 @@ def build_report(
         from ..tb import export_scalars
 
         try:
-            n = export_scalars(run.root / "metrics.jsonl", run.root / "tensorboard")
+            n = export_scalars(run.layout.metrics, run.layout.tensorboard)
         except Exception as e:  # optional extra: never what stops the report
             run.problems.append(f"TensorBoard export: {type(e).__name__}: {e}")
             n = 0
@@ -168,7 +167,7 @@ def build_report(
             extra.append(
                 note(
                     f"TensorBoard: {n} scalars, same names as metrics.jsonl: "
-                    f"tensorboard --logdir {run.root / 'tensorboard'}"
+                    f"tensorboard --logdir {run.layout.tensorboard}"
                 )
             )
     sections = []
@@ -179,6 +178,6 @@ def build_report(
             run.problems.append(f"{title}: {e}")
             content = note(f"This section could not be drawn: {e}", "warn")
         sections.append((sid, title, content))
-    path = report_path(run.root)
+    path = run.layout.report
     write_text(path, _page(run, sections, extra))
     return Report(path, run.problems)

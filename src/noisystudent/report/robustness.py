@@ -35,7 +35,7 @@ _PGD_KEY = re.compile(r"pgd(\d+)_(.+)")
 def _robustness_results(run: RunFiles) -> list[tuple[int, dict[str, Any]]]:
     out = []
     for i in run.iterations:
-        p = run.iter_dir(i) / "robustness" / "results.json"
+        p = run.it(i).robustness_results
         if p.is_file():
             r = read_json(p)
             if not isinstance(r, dict):

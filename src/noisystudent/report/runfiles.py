@@ -1,93 +1,77 @@
-"""The run directory as the report reads it: config, summary, metrics, images; never written."""
+"""The run directory as the report reads it: config, summary, metrics, images; never written.
+Every path comes from the run's layout (rundir/layout.py)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import Config, load_config
 from ..errors import UserError
-from ..rundir import RunDir, read_json
+from ..rundir import IterPaths, RunLayout, read_json, read_lines_json
 
 
 @dataclass
 class RunFiles:
     """What the sections read: the run's files, loaded once."""
 
-    root: Path
+    layout: RunLayout
     cfg: Config
     summary: list[dict[str, Any]]
     events: list[dict[str, Any]]
     bad_metric_lines: int
-    data: Any = None  # stages.Data, or None when the images could not be loaded
+    data: Any = None  # inputs.Data, or None when the images could not be loaded
     data_error: str | None = None
     summary_error: str | None = None
     problems: list[str] = field(default_factory=list)  # section-level problems, for the caller
-    _pos: dict[str, int] | None = field(default=None, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def root(self):
+        return self.layout.root
 
     @property
     def iterations(self) -> list[int]:
-        """Iterations with a directory on disk, in order (a model may not be trained yet)."""
-        return [i for i in range(len(self.cfg.models)) if (self.root / f"iter{i}").is_dir()]
+        """Iterations with a folder on disk, in order (a model may not be trained yet)."""
+        return [i for i in self.layout.iterations() if i < len(self.cfg.models)]
 
-    def iter_dir(self, i: int) -> Path:
-        return self.root / f"iter{i}"
+    def it(self, i: int) -> IterPaths:
+        return self.layout.it(i)
 
-    def unlabeled_pos(self) -> dict[str, int]:
-        """uid -> index in the unlabeled set (built once; empty when the images are unavailable)."""
-        if self._pos is None:
-            uids = self.data.unlabeled.uids if self.data is not None else []
-            self._pos = {u: k for k, u in enumerate(uids)}
-        return self._pos
+    def rows_match_images(self, store: Any) -> bool:
+        """Whether a pseudo-label store's rows still point into the unlabeled set as loaded now:
+        the store records the fingerprint of the set it labeled, and its `index` is only a
+        position in that set (after files were added or removed it would name other images)."""
+        if self.data is None:
+            return False
+        if self._fingerprint is None:
+            from ..labeling import data_fingerprint
 
-    def hidden_labels(self, uids: list[str]) -> np.ndarray:
-        """(N,) hidden labels of the unlabeled images with these uids; -1 where unknown."""
-        out = np.full(len(uids), -1, dtype=np.int64)
-        pos = self.unlabeled_pos()
-        if not pos:
-            return out
-        labels = self.data.unlabeled.labels
-        for j, u in enumerate(uids):
-            k = pos.get(u)
-            if k is not None:
-                out[j] = labels[k]
-        return out
+            self._fingerprint = data_fingerprint(self.data.unlabeled)
+        return store.meta.get("identity", {}).get("data_fingerprint") == self._fingerprint
 
+    def hidden_labels(self, store: Any) -> np.ndarray:
+        """(N,) hidden labels of the images of a store's rows; -1 where unknown (no images
+        loaded, a set that changed since labeling, or an image without a label)."""
+        if not self.rows_match_images(store):
+            return np.full(len(store), -1, dtype=np.int64)
+        from ..data import hidden_labels
 
-def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """metrics.jsonl -> (records, number of unreadable lines). A line cut short by a killed run
-    is skipped, never fatal."""
-    if not path.is_file():
-        return [], 0
-    out, bad = [], 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-        else:
-            bad += 1
-    return out, bad
+        return hidden_labels(self.data.unlabeled, store.index).numpy()
 
 
-def open_run_files(run_dir: str | Path, cfg: Config | None, data: Any) -> RunFiles:
-    root = Path(run_dir)
+def open_run_files(run_dir, cfg: Config | None, data: Any) -> RunFiles:
+    layout = RunLayout(run_dir)
+    root = layout.root
     if not root.exists():
         raise UserError(f"run directory '{root}' does not exist")
     if not root.is_dir():
         raise UserError(f"'{root}' is a file, not a run directory")
-    if not (root / "config.yaml").is_file():
+    if not layout.config.is_file():
         raise UserError(
-            f"'{root}' is not a run directory (no config.yaml); pass the run_dir of a "
+            f"'{root}' is not a run directory (no {layout.config.name}); pass the run_dir of a "
             f"`noisystudent run` or `noisystudent demo`"
         )
     if cfg is None:
@@ -95,23 +79,23 @@ def open_run_files(run_dir: str | Path, cfg: Config | None, data: Any) -> RunFil
             cfg = load_config(root)
         except UserError as e:
             msg = str(e)
-            raise UserError(
-                msg if str(root) in msg else f"'{root / 'config.yaml'}': {msg}"
-            ) from None
-    events, bad = read_metrics(root / "metrics.jsonl")
-    run = RunFiles(root, cfg, [], events, bad, data)
-    summary_path = root / "summary.json"
-    if summary_path.is_file():
+            raise UserError(msg if str(root) in msg else f"'{layout.config}': {msg}") from None
+    events, bad = read_lines_json(layout.metrics)
+    run = RunFiles(layout, cfg, [], events, bad, data)
+    if layout.summary.is_file():
         try:
-            s = read_json(summary_path)
+            s = read_json(layout.summary)
             if not isinstance(s, dict) or not isinstance(s.get("iterations"), list):
-                raise UserError(f"'{summary_path}' has no 'iterations' list; delete it and re-run")
+                raise UserError(
+                    f"'{layout.summary}' has no 'iterations' list; delete it and re-run"
+                )
             run.summary = s["iterations"]
         except UserError as e:
             run.summary_error = str(e)  # shown in the Iterations section
     if run.data is None:
         try:
-            from ..stages import load_data  # torch and timm: only when the images are needed
+            from ..inputs import load_data  # torch and timm: only when the images are needed
+            from ..rundir import RunDir
 
             run.data = load_data(cfg, RunDir(root))
         except UserError as e:

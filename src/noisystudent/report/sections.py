@@ -114,13 +114,14 @@ def section_iterations(run: RunFiles) -> str:
         "test top-1",
         "test top-5",
         "pseudo-label acc*",
-        "kept fraction*",
+        "passed filter*",
+        "kept unique*",
         "train wall time",
     ]
     rows = []
     for r in run.summary:
         params = r.get("params")
-        kept = num(r.get("kept_fraction"))
+        passed, kept = num(r.get("passed_filter_fraction")), num(r.get("kept_unique_fraction"))
         rows.append(
             [
                 r.get("iteration", "?"),
@@ -130,15 +131,17 @@ def section_iterations(run: RunFiles) -> str:
                 pct(num(r.get("test_top1"))),
                 pct(num(r.get("test_top5"))),
                 pct(num(r.get("pseudo_label_acc"))),
+                "–" if passed is None else f"{passed:.3f}",
                 "–" if kept is None else f"{kept:.3f}",
                 duration(r.get("wall_s")),
             ]
         )
-    out = table(head, rows, num_cols={0, 3, 4, 5, 6, 7, 8})
+    out = table(head, rows, num_cols={0, 3, 4, 5, 6, 7, 8, 9})
     out += note(
         "* of the pseudo labels the model was trained on (made by the previous iteration's "
-        "teacher, without noise): accuracy against the unlabeled images' hidden labels where "
-        "known, and the fraction of unlabeled images kept by the confidence filter."
+        "teacher, without noise): accuracy of the kept ones against the unlabeled images' "
+        "hidden labels where known; the fraction of unlabeled images whose confidence reached "
+        "the threshold; and the fraction of distinct images left after class balancing."
     )
     pts = [(r.get("iteration"), num(r.get("test_top1"))) for r in run.summary]
     pts = [(i, v) for i, v in pts if isinstance(i, int) and v is not None]
@@ -209,7 +212,7 @@ def section_training(run: RunFiles) -> str:
         axes[0].set_title("Training loss")
         axes[0].set_ylabel(loss_label)
         axes[1].plot(c["step"], c["train_acc"], color="C1", label="labeled batches (train)")
-        ev = evals.get(f"iter{i}/evaluate") if i is not None else None
+        ev = evals.get(run.it(i).stage("evaluate")) if i is not None else None
         top1 = num(ev.get("top1")) if ev else None
         if top1 is not None:
             axes[1].axhline(top1, color="C2", ls="--", label=f"final test top-1 {top1:.1f}%")
@@ -231,14 +234,14 @@ def section_training(run: RunFiles) -> str:
 def _load_store(run: RunFiles, i: int) -> Any:
     from ..store import PseudoLabelStore
 
-    root = run.iter_dir(i) / "pseudo"
-    if not (root / "meta.json").is_file():
+    paths = run.it(i)
+    if not paths.pseudo_meta.is_file():
         return None
-    return PseudoLabelStore.load(root)
+    return PseudoLabelStore.load(paths.pseudo)
 
 
 def _threshold(run: RunFiles, i: int) -> float:
-    p = run.iter_dir(i) / "select" / "counts.json"
+    p = run.it(i).counts
     if p.is_file():
         t = num(read_json(p).get("threshold"))
         if t is not None:
@@ -277,7 +280,7 @@ def section_confidence(run: RunFiles) -> str:
             continue
         conf = store.max_prob.float().numpy()
         pred = store.pred.numpy()
-        hidden = run.hidden_labels(store.uids)
+        hidden = run.hidden_labels(store)
         known = hidden >= 0
         t = _threshold(run, i)
         bins = np.linspace(0.0, 1.0, 41)
@@ -324,7 +327,7 @@ def section_confidence(run: RunFiles) -> str:
 def section_selection(run: RunFiles) -> str:
     out = []
     for i in run.iterations:
-        p = run.iter_dir(i) / "select" / "counts.json"
+        p = run.it(i).counts
         if not p.is_file():
             continue
         c = read_json(p)
@@ -363,15 +366,18 @@ def section_selection(run: RunFiles) -> str:
         ax.set_ylim(0, 1.22 * top)  # headroom: the legend sits above the bars, never on them
         ax.legend(fontsize=8, loc="upper center", ncol=3)
         ax.grid(alpha=0.3, axis="y")
-        kf = num(c.get("kept_fraction"))
+        pf, kf = num(c.get("passed_filter_fraction")), num(c.get("kept_unique_fraction"))
         acc = num(c.get("pseudo_label_acc"))
         out.append(
             f"<h3>iter{i} → student iter{i + 1}</h3>"
             + img(fig, f"per-class counts, iteration {i}")
             + note(
-                f"kept {c.get('kept_unique', '?')} of {c.get('total', '?')} images"
+                f"{c.get('passed_filter', '?')} of {c.get('total', '?')} images passed the "
+                f"confidence filter"
+                + ("" if pf is None else f" ({pf:.1%})")
+                + f"; {c.get('kept_unique', '?')} distinct images kept after balancing"
                 + ("" if kf is None else f" ({kf:.1%})")
-                + f", {c.get('selected_rows', '?')} rows after balancing"
+                + f", {c.get('selected_rows', '?')} rows with duplicates"
                 + ("" if acc is None else f"; accuracy of the kept pseudo labels {acc:.2f}%")
                 + "."
             )
@@ -404,15 +410,16 @@ def _tile(run: RunFiles, pos: int, frame: str, faded: bool) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def _sample_grid(run: RunFiles, i: int, store: Any, pos: dict[str, int]) -> tuple[Any, int]:
-    """The sample figure of teacher i: one row per class, k most then k least confident.
+def _sample_grid(run: RunFiles, i: int, store: Any) -> Any:
+    """The sample figure of teacher i: one row per class, k most then k least confident (the
+    store's rows point into the unlabeled set as loaded: checked by the caller).
 
-    Drawn as one mosaic image with text on top (fast: no axes per image). Returns (figure,
-    number of store rows whose image is no longer in the unlabeled set)."""
+    Drawn as one mosaic image with text on top (fast: no axes per image)."""
     k = SAMPLES_PER_SIDE
     conf = store.max_prob.float().numpy()
     pred = store.pred.numpy()
-    hidden = run.hidden_labels(store.uids)
+    hidden = run.hidden_labels(store)
+    image_of = store.index.numpy()
     t = _threshold(run, i)
     classes = run.data.classes
     shown = list(range(min(len(classes), MAX_SAMPLE_CLASSES)))
@@ -422,7 +429,6 @@ def _sample_grid(run: RunFiles, i: int, store: Any, pos: dict[str, int]) -> tupl
     height = len(shown) * (cell + gap_y)
     mosaic = np.full((height, width, 3), 255, dtype=np.uint8)
     labels: list[tuple[float, float, str]] = []
-    missing = 0
     for r, c in enumerate(shown):
         idx = np.flatnonzero(pred == c)
         idx = idx[np.argsort(-conf[idx], kind="stable")]
@@ -434,10 +440,7 @@ def _sample_grid(run: RunFiles, i: int, store: Any, pos: dict[str, int]) -> tupl
                 x = half * (k * (cell + gap_x) + mid) + cell / 2
                 labels.append((x, y0 + cell / 2, "none"))
             for j, row in enumerate(picks.tolist()):
-                p = pos.get(store.uids[row])
-                if p is None:
-                    missing += 1
-                    continue
+                p = int(image_of[row])
                 h = hidden[row]
                 frame = "unknown" if h < 0 else ("right" if h == c else "wrong")
                 x0 = half * (k * (cell + gap_x) + mid) + j * (cell + gap_x)
@@ -461,7 +464,7 @@ def _sample_grid(run: RunFiles, i: int, store: Any, pos: dict[str, int]) -> tupl
         f"iter{i}: pseudo labels of teacher {run.cfg.models[i]}, confidence above each image",
         fontsize=11,
     )
-    return fig, missing
+    return fig
 
 
 def section_samples(run: RunFiles) -> str:
@@ -470,7 +473,6 @@ def section_samples(run: RunFiles) -> str:
         return note("No pseudo labels yet (iter<i>/pseudo).")
     if run.data is None:
         return note(f"The unlabeled images could not be loaded: {run.data_error}", "warn")
-    pos = run.unlabeled_pos()
     k = SAMPLES_PER_SIDE
     out = [
         note(
@@ -481,13 +483,22 @@ def section_samples(run: RunFiles) -> str:
         )
     ]
     for i, store in stores:
-        fig, missing = _sample_grid(run, i, store, pos)
+        if not run.rows_match_images(store):
+            out.append(
+                f"<h3>iter{i}</h3>"
+                + note(
+                    f"The unlabeled images changed since teacher iter{i} labeled them (files "
+                    f"added or removed): its pseudo labels no longer name these images; re-run "
+                    f"the pipeline to label the current set.",
+                    "warn",
+                )
+            )
+            continue
+        fig = _sample_grid(run, i, store)
         notes = []
         n_classes = len(run.data.classes)
         if n_classes > MAX_SAMPLE_CLASSES:
             notes.append(f"first {MAX_SAMPLE_CLASSES} of {n_classes} classes shown")
-        if missing:
-            notes.append(f"{missing} image(s) no longer in the unlabeled set")
         out.append(
             f"<h3>iter{i}</h3>"
             + img(fig, f"sample pseudo-labeled images, iteration {i}")
@@ -499,7 +510,7 @@ def section_samples(run: RunFiles) -> str:
 def section_confusion(run: RunFiles) -> str:
     final = None
     for i in run.iterations:
-        p = run.iter_dir(i) / "eval.json"
+        p = run.it(i).eval
         if p.is_file():
             final = (i, p)
     if final is None:

@@ -49,6 +49,7 @@ __all__ = [
     "load_tensors",
     "open_run",
     "read_json",
+    "read_lines_json",
     "release_locks",
     "save_state",
     "save_tensors",
