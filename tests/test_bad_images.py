@@ -10,12 +10,12 @@ from PIL import Image
 from noisystudent import stages
 from noisystudent.data import scan_class_folders
 from noisystudent.errors import UserError
-from noisystudent.pipeline import open_run
-from noisystudent.rundir import RunDir
+from noisystudent.inputs import load_data
+from noisystudent.rundir import RunDir, open_run
 from noisystudent.store import PseudoLabelStore
 
 from .conftest import make_class_folders
-from .helpers import Malicious, tiny_cfg, truncated_png
+from .helpers import CPU, Malicious, tiny_cfg, truncated_png
 
 
 def test_bad_unlabeled_images_are_skipped_listed_and_limited(tiny_data, tmp_path):
@@ -26,18 +26,18 @@ def test_bad_unlabeled_images_are_skipped_listed_and_limited(tiny_data, tmp_path
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(jpg)
     jpg.write_bytes(jpg.read_bytes()[:-300])
     run = RunDir(tmp_path / "run")
-    data = stages.load_data(tiny_cfg(tiny_data, run.root, "data.max_bad_fraction=0.1"), run)
+    data = load_data(tiny_cfg(tiny_data, run.root, "data.max_bad_fraction=0.1"), run)
     assert len(data.unlabeled) == 60
-    listed = (run.root / "skipped_unlabeled.txt").read_text().split()
+    listed = run.paths.skipped("unlabeled").read_text().split()
     assert sorted(listed) == ["empty.png", "green/cut.jpg", "junk.jpg", "red/trunc.png"]
     run2 = RunDir(tmp_path / "run2")
     with pytest.raises(UserError, match=r"4 of 64 unlabeled images are unreadable .*"
                                         r"data.max_bad_fraction=0.01"):  # fmt: skip
-        stages.load_data(tiny_cfg(tiny_data, run2.root), run2)
+        load_data(tiny_cfg(tiny_data, run2.root), run2)
     with pytest.raises(
         UserError, match="cannot read image '.*(empty|junk|trunc|cut).*on_bad_image=skip"
     ):
-        stages.load_data(tiny_cfg(tiny_data, run2.root, "data.on_bad_image=error"), run2)
+        load_data(tiny_cfg(tiny_data, run2.root, "data.on_bad_image=error"), run2)
 
 
 def test_decompression_bomb_is_a_bad_image_not_a_crash(tmp_path, monkeypatch):
@@ -57,13 +57,13 @@ def test_bad_labeled_or_test_image_is_an_error_naming_it_unless_skipped(tiny_dat
     truncated_png(tiny_data[which] / "green" / "bad.png")
     run = RunDir(tmp_path / "run")
     with pytest.raises(UserError) as e:
-        stages.load_data(tiny_cfg(tiny_data, run.root), run)
+        load_data(tiny_cfg(tiny_data, run.root), run)
     msg = str(e.value)
     assert "\n" not in msg and "green/bad.png" in msg and "data.on_bad_labeled=skip" in msg
     cfg = tiny_cfg(tiny_data, run.root, "data.on_bad_labeled=skip", "data.max_bad_fraction=0.1")
-    data = stages.load_data(cfg, run)
+    data = load_data(cfg, run)
     assert "green/bad.png" not in getattr(data, which).uids
-    assert (run.root / f"skipped_{which}.txt").read_text() == "green/bad.png\n"
+    assert run.paths.skipped(which).read_text() == "green/bad.png\n"
 
 
 def test_bad_large_images_found_while_reading(tmp_path):
@@ -77,27 +77,30 @@ def test_bad_large_images_found_while_reading(tmp_path):
     cfg = tiny_cfg(data, tmp_path / "run", *over)
     run = open_run(cfg)
     try:
-        d = stages.load_data(cfg, run)
+        d = load_data(cfg, run)
         assert not d.small and len(d.unlabeled) == 14  # not found yet
-        stages.train_stage(cfg, run, d, 0)
-        stages.pseudo_label_stage(cfg, run, d, 0)
-        store = PseudoLabelStore.load(run.iter_dir(0) / "pseudo")
+        stages.train_stage(cfg, run, d, 0, CPU)
+        stages.pseudo_label_stage(cfg, run, d, 0, CPU)
+        store = PseudoLabelStore.load(run.it(0).pseudo)
         assert len(store.uids) == 12 and "red/trunc.png" not in store.uids
-        listed = sorted((run.root / "skipped_unlabeled.txt").read_text().split())
+        # each row names its image by position in the unlabeled set; the bad two left gaps
+        assert [d.unlabeled.uids[j] for j in store.index.tolist()] == store.uids
+        assert run.stage_done(run.it(0).stage("pseudo-label"))
+        listed = sorted(run.paths.skipped("unlabeled").read_text().split())
         assert listed == ["blue/junk.png", "red/trunc.png"]
 
         # a bad labeled image is met in training: an error naming it, or skipped
         truncated_png(data["labeled"] / "red" / "zz_bad.png", size)
         cfg2 = tiny_cfg(data, tmp_path / "run2", *over)
         run2 = open_run(cfg2)
-        d2 = stages.load_data(cfg2, run2)
+        d2 = load_data(cfg2, run2)
         with pytest.raises(UserError, match=r"zz_bad.png.*data.on_bad_labeled=skip"):
-            stages.train_stage(cfg2, run2, d2, 0)
+            stages.train_stage(cfg2, run2, d2, 0, CPU)
         cfg3 = tiny_cfg(data, tmp_path / "run3", *over, "data.on_bad_labeled=skip")
         run3 = open_run(cfg3)
-        d3 = stages.load_data(cfg3, run3)
-        stages.train_stage(cfg3, run3, d3, 0)
-        assert (run3.root / "skipped_labeled.txt").read_text() == "red/zz_bad.png\n"
+        d3 = load_data(cfg3, run3)
+        stages.train_stage(cfg3, run3, d3, 0, CPU)
+        assert run3.paths.skipped("labeled").read_text() == "red/zz_bad.png\n"
     finally:
         for r in [run] + [v for k, v in locals().items() if k in ("run2", "run3")]:
             r.unlock()

@@ -3,6 +3,7 @@
 import pytest
 
 from noisystudent.cli import main
+from noisystudent.rundir import RunLayout
 
 from .conftest import make_class_folders, tiny_overrides
 
@@ -69,7 +70,7 @@ def test_pseudo_label_without_teacher_checkpoint(capsys, cfg, tiny_data, tmp_pat
     run = tmp_path / "run"
     err = _err(capsys, ["pseudo-label", cfg, *tiny_overrides(tiny_data, run)])
     assert "no teacher checkpoint" in err and "train-teacher" in err
-    assert not (run / "iter0" / "pseudo" / "meta.json").exists()  # nothing labeled with garbage
+    assert not RunLayout(run).it(0).pseudo_meta.exists()  # nothing labeled with garbage
 
 
 def test_train_student_without_selection(capsys, cfg, tiny_data, tmp_path):

@@ -25,7 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from noisystudent.rundir import RunDir
+from noisystudent.artifacts import read_summary
+from noisystudent.rundir import RunDir, RunLayout
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +91,7 @@ def _run_to_end(run_dir: Path) -> float:
 
 def _where(run_dir: Path) -> str:
     """The stage that was running when the process died, from the manifest and metrics."""
-    man = run_dir / "manifest.json"
+    man = RunLayout(run_dir).manifest
     stages = json.loads(man.read_text())["stages"] if man.is_file() else {}
     running = [k for k, v in stages.items() if v.get("status") == "running"]
     if running:
@@ -124,7 +125,11 @@ def _check_intact(run_dir: Path) -> None:
     """Every file is whole: JSON parses, safetensors and checkpoints load, manifest hashes match."""
     run = RunDir(run_dir)
     for name in run.manifest.read()["stages"]:
-        assert run.stage_done(name), (name, run.verify_outputs(name))
+        assert run.stage_done(name), (
+            name,
+            run.manifest.verify(name),
+            run.manifest.stale_inputs(name),
+        )
     for p in run_dir.rglob("*"):
         if not p.is_file():
             continue
@@ -146,8 +151,8 @@ def _compare(ref: Path, got: Path) -> None:
     n_events = lambda d: len(list(d.rglob("*tfevents*")))  # noqa: E731
     assert n_events(got) == n_events(ref)
     strip = lambda s: [{k: v for k, v in r.items() if k != "wall_s"} for r in s["iterations"]]  # noqa: E731
-    s_ref = json.loads((ref / "summary.json").read_text())
-    s_got = json.loads((got / "summary.json").read_text())
+    s_ref = read_summary(RunDir(ref))
+    s_got = read_summary(RunDir(got))
     assert strip(s_got) == strip(s_ref)
     for rel in sorted(_files(ref)):
         if rel.endswith(("eval.json", "counts.json", "audit.json", "model.json", ".uids")):
@@ -164,7 +169,7 @@ SEGMENTS = ["start-up", *STAGES, "summary and report"]
 
 def _manifest(run_dir: Path) -> tuple[int, dict]:
     try:
-        man = run_dir / "manifest.json"
+        man = RunLayout(run_dir).manifest
         return man.stat().st_ino, json.loads(man.read_text())["stages"]
     except (OSError, ValueError):
         return 0, {}

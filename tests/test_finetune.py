@@ -1,15 +1,13 @@
 """FixRes-style fine-tune: higher resolution, unaugmented labeled images, shallow layers frozen."""
 
-import json
-
 import pytest
 import torch
 
+from noisystudent.artifacts import read_eval, read_model_meta, read_summary
 from noisystudent.cli import main
 from noisystudent.errors import UserError
-from noisystudent.finetune import freeze, shallow_modules
-from noisystudent.models import create_model
-from noisystudent.rundir import load_tensors
+from noisystudent.models import create_model, freeze, shallow_modules
+from noisystudent.rundir import RunDir, load_tensors, read_json
 
 from .conftest import tiny_overrides
 
@@ -35,15 +33,24 @@ def test_finetune_stage_in_the_pipeline(tiny_data, tmp_path):
         "finetune.epochs=2", "finetune.batch_size=4",
     ]  # fmt: skip
     assert main(["run", str(cfg), *over]) == 0
-    before = load_tensors(run / "iter0" / "model.safetensors")
-    after = load_tensors(run / "iter0" / "finetune" / "model.safetensors")
-    frozen = [
-        k for k in before if k.startswith(("net.stem.0.", "net.blocks.0.conv", "net.blocks.1.conv"))
-    ]
+    rd = RunDir(run)
+    it0 = rd.it(0)
+    before = load_tensors(it0.model)
+    after = load_tensors(it0.finetune.model)
+    shallow = [k for k in before if k.startswith(("net.stem.", "net.blocks.0.", "net.blocks.1."))]
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    frozen = [k for k in shallow if not k.endswith(stats)]  # conv and BN weights and biases
+    adapted = [k for k in shallow if k.endswith(("running_mean", "running_var"))]
     trained = [k for k in before if k.startswith("net.fc.")]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
-    assert all(not torch.equal(before[k], after[k]) for k in trained)
-    ev = json.loads((run / "iter0" / "finetune" / "eval.json").read_text())
-    summary = json.loads((run / "summary.json").read_text())
+    assert trained and all(not torch.equal(before[k], after[k]) for k in trained)
+    # frozen layers keep their weights, but their BN statistics follow the new resolution
+    assert adapted and all(not torch.equal(before[k], after[k]) for k in adapted)
+    ev = read_eval(it0.finetune)
+    assert ev["n"] == 18 and len(ev["predictions"]) == 18  # the whole test set, at 24 px
+    summary = read_summary(rd)
     assert summary["iterations"][-1]["finetune_top1"] == ev["top1"]
-    assert json.loads((run / "iter0" / "finetune" / "model.json").read_text())["image_size"] == 24
+    ft_meta = read_json(it0.finetune.model_meta)
+    assert ft_meta["image_size"] == 24 and read_model_meta(rd, 0)["image_size"] == 16
+    assert ft_meta["finetuned_from"] == str(it0.model) and ft_meta["frozen_params"] > 0
+    assert rd.stage_done(it0.stage("finetune"))

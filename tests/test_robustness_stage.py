@@ -1,35 +1,45 @@
-"""The robustness stage and `noisystudent robustness` on a tiny run directory (untrained tiny
-models written directly, 16 px images, a handful of test images): results.json format, the
-reference row, fingerprint refusal, cache reuse, one-line errors."""
+"""The robustness stage and `noisystudent robustness` on a tiny run directory (tiny models
+briefly fitted and written directly, 16 px images, a handful of test images): results.json
+format, the reference row, fingerprint refusal, cache reuse, one-line errors."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from noisystudent import __version__, stages
+from noisystudent.artifacts import model_meta, save_model
 from noisystudent.cli import main
 from noisystudent.config import load_config
 from noisystudent.errors import UserError
 from noisystudent.models import create_model
+from noisystudent.pipeline import run_robustness
 from noisystudent.robustness import corruptions as C
 from noisystudent.robustness.cache import SuiteCache, dataset_fingerprint, subset_indices
-from noisystudent.robustness.stage import format_table, run_robustness
-from noisystudent.rundir import save_tensors, write_json
+from noisystudent.robustness.table import format_table, one_line
+from noisystudent.rundir import RunDir, RunLayout, read_json, release_locks, write_json
+from noisystudent.rundir.layout import CACHE_META
+from noisystudent.stages.robustness import _fill_self_reference
 
 from .conftest import CLASSES, make_class_folders
+from .helpers import CPU
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def _unlock():
+    yield
+    release_locks()  # run_robustness locks the run directory, as a command does
+
+
 def quick_fit(model: torch.nn.Module, folder: Path, steps: int) -> None:
     """A few Adam steps on the class-coloured images: a model whose predictions vary."""
-    from PIL import Image
-
     files = sorted(folder.rglob("*.png"))
     x = torch.stack([torch.from_numpy(np.array(Image.open(f))) for f in files]).permute(0, 3, 1, 2)
     y = torch.tensor([CLASSES.index(f.parent.name) for f in files])
@@ -43,20 +53,15 @@ def quick_fit(model: torch.nn.Module, folder: Path, steps: int) -> None:
 
 
 def fake_run(tmp_path: Path, tiny_data: dict[str, Path]) -> Path:
-    """A run directory holding two (untrained) models, as `noisystudent run` would leave it."""
+    """A run directory holding two briefly fitted models, written as the training stage writes
+    them (model file with its identity header, model.json)."""
     run = tmp_path / "run"
+    layout = RunLayout(run)
     for i in range(2):
         torch.manual_seed(i)
         m = create_model("cifar_resnet8", 3)
         quick_fit(m, tiny_data["labeled"], steps=15 + 15 * i)
-        meta = {"name": "cifar_resnet8", "iteration": i, "num_classes": 3, "classes": CLASSES}
-        meta.update(image_size=16, noisystudent_version=__version__)
-        path = run / f"iter{i}" / "model.safetensors"
-        if hasattr(stages, "save_model"):  # model files with an identity header
-            stages.save_model(path, m, meta)
-        else:
-            save_tensors(path, m.state_dict())
-        write_json(run / f"iter{i}" / "model.json", meta)
+        save_model(layout.it(i), m, model_meta("cifar_resnet8", i, CLASSES, 16, m, None, None))
     return run
 
 
@@ -88,8 +93,14 @@ def test_stage_writes_results_in_the_agreed_format(tmp_path, tiny_data, capsys):
     run = fake_run(tmp_path, tiny_data)
     cfg = cfg_for(run, tiny_data)
     r0, r1 = run_robustness(cfg, [0, 1])
+    rd = RunDir(run)
+    cached = [p.name for p in rd.paths.robustness_cache().iterdir()]  # beside the decodes
+    assert cached == [f"{r0['meta']['fingerprint']}-cifar32-seed0-v{r0['meta']['version']}"]
     for i in range(2):
-        on_disk = json.loads((run / f"iter{i}" / "robustness" / "results.json").read_text())
+        on_disk = read_json(rd.it(i).robustness_results)
+        assert on_disk == json.loads(json.dumps(r0 if i == 0 else r1))  # what the call returned
+        assert rd.stage_done(rd.it(i).stage("robustness"))
+        assert rd.it(i).robustness_predictions.is_file()
         assert set(KEYS) <= set(on_disk)
         assert set(on_disk["corruption"]) == set(C.ALL)
         assert list(on_disk["corruption"]["fog"]) == ["1", "2", "3", "4", "5"]
@@ -99,6 +110,7 @@ def test_stage_writes_results_in_the_agreed_format(tmp_path, tiny_data, capsys):
             and "pgd2_16" in on_disk["adversarial"]
         )
         assert on_disk["n_images"] == 4 and on_disk["meta"]["table"] == "cifar32"
+    assert r0["clean_top1"] == r1["clean_top1"] == 100.0  # both fitted models know the colours
     assert r0["reference_is_self"]
     for key in ("mce", "relative_mce", "mfr"):  # 100, or None with a warning (zero denominator)
         assert r0[key] == pytest.approx(100.0) or (r0[key] is None and r0["warnings"]), key
@@ -107,8 +119,12 @@ def test_stage_writes_results_in_the_agreed_format(tmp_path, tiny_data, capsys):
     assert r1["meta"]["fingerprint"] == r0["meta"]["fingerprint"]
     out = capsys.readouterr().out
     assert "| model | clean top-1" in out and "FGSM 8" in out and "PGD-2 @16" in out
+    assert f"results: {rd.it(1).robustness_results}" in out
+    assert "mCE" in one_line(r1) and "PGD" in one_line(r1)
     # a second call reuses the results (same options), a new subset recomputes
     assert run_robustness(cfg, [1])[0]["total_wall_s"] == r1["total_wall_s"]
+    again = run_robustness(cfg_for(run, tiny_data, "robustness.subset=5"), [1])[0]
+    assert again["n_images"] == 5 and again["meta"]["fingerprint"] != r1["meta"]["fingerprint"]
 
 
 def test_reference_with_another_fingerprint_is_refused(tmp_path, tiny_data):
@@ -125,7 +141,7 @@ def test_reference_with_another_fingerprint_is_refused(tmp_path, tiny_data):
 def test_cli_one_line_errors(tmp_path, tiny_data, capsys):
     run = fake_run(tmp_path, tiny_data)
     cfg = cfg_for(run, tiny_data)
-    Path(run / "config.yaml").write_text(json.dumps(cfg.to_dict()))
+    RunLayout(run).config.write_text(json.dumps(cfg.to_dict()))  # as `noisystudent run` left it
     for args, needle in (
         (["--subset", "0"], "--subset"),
         (["--reference", str(tmp_path / "missing.json")], "missing.json"),
@@ -149,11 +165,17 @@ def test_hard_dir_with_unknown_class_is_an_error(tmp_path, tiny_data):
 
 def test_hard_dir_subset_of_classes(tmp_path, tiny_data):
     run = fake_run(tmp_path, tiny_data)
-    hard = make_class_folders(tmp_path / "hard", 3, classes=["green", "red"])
+    # green and red images, coloured as their class names say (make_class_folders colours by
+    # position in its class list, so make all three and drop blue)
+    hard = make_class_folders(tmp_path / "hard", 3, seed=4)
+    shutil.rmtree(hard / "blue")
     cfg = cfg_for(run, tiny_data, f"robustness.hard_dir={hard}", "robustness.corruptions=false",
                   "robustness.perturbations=false", "robustness.adversarial=false")  # fmt: skip
     hs = run_robustness(cfg, [0])[0]["hard_set"]
-    assert hs["n"] == 6 and hs["classes"] == 2 and 0 <= hs["top1"] <= 100 and "top5" not in hs
+    assert hs["n"] == 6 and hs["classes"] == 2 and "top5" not in hs and hs["dir"] == str(hard)
+    # labels are mapped to the model's class indices: the fitted model (100% on the test set's
+    # colours) gets every green and red image right, where chance is 50%
+    assert hs["top1"] == 100.0
 
 
 def test_cache_is_generated_once_with_metadata(tmp_path):
@@ -163,7 +185,7 @@ def test_cache_is_generated_once_with_metadata(tmp_path):
     cache = SuiteCache(tmp_path, imgs, labels, "cifar32", seed=5)
     a = np.array(cache.corruption("gaussian_noise"))
     assert a.shape == (15, 16, 16, 3) and a.dtype == np.uint8
-    meta = json.loads((cache.dir / "meta.json").read_text())
+    meta = json.loads((cache.dir / CACHE_META).read_text())
     assert meta["seed"] == 5 and meta["table"] == "cifar32"
     assert meta["fingerprint"] == dataset_fingerprint(imgs, labels)
     # severity-major rows and reuse from disk
@@ -178,7 +200,7 @@ def test_cache_is_generated_once_with_metadata(tmp_path):
         fresh.perturbation("gaussian_noise", 1), cache.perturbation("gaussian_noise")[:1]
     )
     assert fresh.perturbation("gaussian_noise").shape[0] == 3  # a longer request regenerates
-    (cache.dir / "meta.json").write_text(json.dumps({**meta, "seed": 6}))
+    (cache.dir / CACHE_META).write_text(json.dumps({**meta, "seed": 6}))
     with pytest.raises(UserError, match="meta.json"):
         SuiteCache(tmp_path, imgs, labels, "cifar32", seed=5)
     assert dataset_fingerprint(imgs[:2], labels[:2]) != meta["fingerprint"]
@@ -192,8 +214,6 @@ def test_format_table_handles_missing_values():
 
 
 def test_self_reference_row_is_100_and_zero_hard():
-    from noisystudent.robustness.stage import _fill_self_reference
-
     err = {c: {str(s): 10.0 + s for s in range(1, 6)} for c in C.ALL}
     res = {"clean_top1": 95.0, "corruption": err, "flip": {"rotate": 0.1, "scale": 0.2}}
     labels = np.array([0, 1, 2, 0])
@@ -224,7 +244,7 @@ def test_trained_model_errs_more_at_severity_5_than_1_on_the_monotone_family(tmp
     # the harsher 224 table: the digits model shrugs off most CIFAR-strength corruptions
     cache = SuiteCache(tmp_path, test.array[:200], test.labels[:200], "imagenet224", seed=0)
     opts = SuiteOptions(perturbations=False, adversarial=False)
-    res, _ = evaluate_suite(m, cache, opts, torch.device("cpu"))
+    res, _ = evaluate_suite(m, cache, opts, CPU)
     assert res["clean_top1"] > 80
     clean_err = 100 - res["clean_top1"]
     checked = 0

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from noisystudent.errors import UserError
-from noisystudent.rundir import RunDir
+from noisystudent.rundir import RunDir, RunLayout
 
 from .conftest import tiny_overrides
 
@@ -28,10 +28,11 @@ def test_second_process_is_refused_and_stale_lock_is_taken_over(tmp_path):
     finally:
         p.kill()
         p.wait()
-    assert json.loads((tmp_path / "lock").read_text())["pid"] == p.pid  # stale: owner is dead
+    lock = RunLayout(tmp_path).lock
+    assert json.loads(lock.read_text())["pid"] == p.pid  # stale: owner is dead
     run = RunDir(tmp_path).lock()
     try:
-        assert json.loads((tmp_path / "lock").read_text())["pid"] == os.getpid()
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
         run.lock()  # the same process may lock again
     finally:
         run.unlock()
