@@ -119,8 +119,8 @@ def test_reference_select_deterministic_and_balanced_in_expectation():
 
 
 def test_streaming_selection_equals_in_memory_for_any_chunking():
-    from noisystudent.selection import reference_select_stream
     from noisystudent.seeds import row_uniforms
+    from noisystudent.selection import reference_select_stream
 
     g = torch.Generator().manual_seed(7)
     conf = torch.rand(3000, generator=g)
