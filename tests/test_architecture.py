@@ -13,6 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "noisystudent"
 TOP = {"cli"}
 ABOVE_STAGES = {"pipeline", "report", "cli"}
 LOWER = {"engine", "labeling", "selection", "data", "models", "rundir", "artifacts", "inputs",
+         "fingerprints",
          "checkpoint", "runtime", "store", "augment", "batchaug", "losses", "config", "errors",
          "distributed", "progress", "tarshards", "tb", "robustness"}  # fmt: skip
 FORBIDDEN = {

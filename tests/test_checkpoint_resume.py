@@ -11,7 +11,7 @@ import torch
 from noisystudent import checkpoint, engine
 from noisystudent.checkpoint import Checkpoint
 from noisystudent.errors import UserError
-from noisystudent.rundir import load_state
+from noisystudent.rundir import RunDir, load_state
 
 from .helpers import small_tc, train_small
 
@@ -87,6 +87,42 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path,
     assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
 
 
+def test_non_finite_weights_with_a_finite_loss_are_never_checkpointed(tmp_path, monkeypatch):
+    """A step can blow the weights up while the loss it computed (before stepping) was fine:
+    the state itself is checked before each checkpoint, and the last good one is kept."""
+    real = engine.build_optimizer
+
+    def poisoned(model, tc):
+        opt, calls = real(model, tc), {"n": 0}
+
+        def after_step(*_):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("inf"))
+
+        opt.register_step_post_hook(after_step)
+        return opt
+
+    monkeypatch.setattr(engine, "build_optimizer", poisoned)
+    with pytest.raises(UserError, match=r"tensors hold NaN or inf at step 3 \(epoch 1, step 3 of "
+                                        r"4; first: model\..*last good checkpoint .* \(step 2\)"):  # fmt: skip
+        train_small(tmp_path, small_tc(epochs=2, checkpoint_every_steps=1))
+    st = load_state(tmp_path / "train" / "checkpoint.pt")
+    assert st["position"]["step"] == 2
+    for part in ("model", "optimizer"):
+        tensors = engine._non_finite({part: _StateOf(st[part])})
+        assert tensors == [], tensors
+
+
+class _StateOf:
+    def __init__(self, st):
+        self.st = st
+
+    def state_dict(self):
+        return self.st
+
+
 def test_extra_state_such_as_an_ema_is_checkpointed_and_restored(tmp_path, monkeypatch):
     class Counter:  # stands in for a weight EMA: anything with state_dict / load_state_dict
         def __init__(self):
@@ -130,3 +166,33 @@ def test_really_full_disk_during_training_keeps_previous_checkpoint(tiny_disk):
     st = load_state(tiny_disk / "train" / "checkpoint.pt")
     assert st["position"]["step"] == 1
     assert not list(tiny_disk.rglob(".*.tmp"))
+
+
+def test_a_diverging_teacher_keeps_a_finite_checkpoint_and_the_advice_works(
+    tiny_data, tmp_path, capsys
+):
+    """teacher.lr=1e12 with a checkpoint every step: one line naming the step; the checkpoint
+    on disk holds only finite tensors; the command the message suggests completes."""
+    import re
+    import shlex
+
+    from noisystudent.cli import main
+
+    from .conftest import tiny_overrides
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("device: cpu\n")
+    run_dir = tmp_path / "run"
+    over = [*tiny_overrides(tiny_data, run_dir), "teacher.lr=1e12",
+            "teacher.checkpoint_every_steps=1"]  # fmt: skip
+    assert main(["train-teacher", str(cfg), *over]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert re.search(r"iter0/train: .* at step \d+ \(epoch \d+, step \d+ of \d+", err), err
+    ckpt = RunDir(run_dir).it(0).checkpoint
+    st = load_state(ckpt)  # the last good one
+    for part in ("model", "optimizer"):
+        assert engine._non_finite({part: _StateOf(st[part])}) == []
+    advice = re.search(r"add `([^`]+)` to the command", err)
+    assert advice, err
+    assert main(["train-teacher", str(cfg), *over, *shlex.split(advice.group(1))]) == 0

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from noisystudent import artifacts, stages
 from noisystudent.errors import UserError
@@ -87,6 +87,59 @@ def test_foreign_model_file_is_refused_saying_what_differs(trained_run, name, cl
     finally:
         _restore(run, 0, backup)
     artifacts.load_model(run, 0, "teacher", cfg.models[0], d.classes)  # the real one loads
+
+
+def _claiming(dir_, weights, name, classes):
+    """A model file whose header and model.json claim `name`/`classes` but hold `weights`."""
+    from noisystudent import __version__
+    from noisystudent.rundir import ModelPaths
+
+    paths = ModelPaths(dir_)
+    dir_.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "noisystudent-model", "format_version": "1", "name": name,
+            "num_classes": str(len(classes)), "classes": json.dumps(classes),
+            "noisystudent_version": __version__}  # fmt: skip
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(paths.model), metadata=meta)
+    write_json(paths.model_meta, {"name": name, "num_classes": len(classes), "classes": classes})
+    return paths
+
+
+def test_state_dict_mismatch_says_what_differs_on_one_line(trained_run, tmp_path):
+    cfg, run, d = trained_run
+    name, n = cfg.models[0], len(d.classes)
+    # another architecture's weights: keys missing and unexpected, with counts and first names
+    deeper = create_model("cifar_resnet14", n).state_dict()
+    paths = _claiming(tmp_path / "deeper", deeper, name, d.classes)
+    with pytest.raises(UserError) as e:
+        artifacts.load_model(run, 0, "teacher", name, d.classes, paths=paths)
+    msg = str(e.value)
+    want, held = create_model(name, n).state_dict(), load_file(str(paths.model))
+    extra, lost = [k for k in held if k not in want], [k for k in want if k not in held]
+    sizes = [k for k in want if k in held and held[k].shape != want[k].shape]
+    assert "\n" not in msg and f"does not fit model '{name}' with {n} classes" in msg
+    assert f"{len(lost)} key(s) missing from the file ({', '.join(lost[:3])}, ... (" in msg
+    assert f"{len(extra)} unexpected key(s) in the file ({', '.join(extra[:3])}, ... (" in msg
+    k = sizes[0]
+    assert (f"{len(sizes)} size mismatch(es), first '{k}': {list(held[k].shape)} in the file vs "
+            f"{list(want[k].shape)} in the model") in msg  # fmt: skip
+    assert msg.endswith("use the run directory it was made in, or retrain")
+    # fewer keys: missing ones named
+    part = {k: v for k, v in want.items() if not k.startswith("net.fc.")}
+    paths = _claiming(tmp_path / "part", part, name, d.classes)
+    with pytest.raises(
+        UserError, match=r"2 key\(s\) missing from the file \(net.fc.weight, net.fc.bias\)"
+    ):
+        artifacts.load_model(run, 0, "teacher", name, d.classes, paths=paths)
+    # a classifier for another class count: the first parameter with both shapes
+    other = create_model(name, n + 2).state_dict()
+    paths = _claiming(tmp_path / "size", other, name, d.classes)
+    with pytest.raises(UserError) as e:
+        artifacts.load_model(run, 0, "teacher", name, d.classes, paths=paths)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert (f"2 size mismatch(es), first 'net.fc.weight': [{n + 2}, 64] in the file vs "
+            f"[{n}, 64] in the model") in msg  # fmt: skip
+    assert "missing" not in msg and "unexpected" not in msg
 
 
 def test_model_changed_after_training_is_refused(trained_run):

@@ -72,6 +72,43 @@ def test_unknown_model_name():
         create_model("cifar_resnet9", 10)
 
 
+@pytest.mark.parametrize(
+    "typo, want",
+    [
+        ("cifar_resnt20", "cifar_resnet20"),
+        ("cifar_resnet_20", "cifar_resnet20"),
+        ("wrn28-10", "wrn28_10"),
+        ("efficentnet_b0", "efficientnet_b0"),  # a timm name
+        ("ResNet18", "resnet18"),
+        ("convnext_tiniy", "convnext_tiny"),
+    ],
+)
+def test_unknown_model_suggests_close_matches_and_where_models_are_listed(typo, want):
+    with pytest.raises(UserError) as e:
+        create_model(typo, 10)
+    msg = str(e.value)
+    assert msg.startswith(f"unknown model '{typo}'; did you mean '{want}'")  # the closest first
+    assert "docs/method.md" in msg and "timm.list_models()" in msg and "\n" not in msg
+    suggested = msg.split("did you mean ")[1].split("?")[0]
+    assert len(suggested.split("'")) // 2 <= 3  # at most three names
+
+
+@pytest.mark.parametrize("name", ["not_a_model_xyz", "xyz", "mymodel"])
+def test_unknown_model_with_nothing_close_suggests_no_names(name):
+    with pytest.raises(UserError) as e:
+        create_model(name, 10)
+    msg = str(e.value)
+    assert "did you mean" not in msg
+    assert msg.startswith(f"unknown model '{name}'; the models are built-ins cifar_resnet")
+    assert "timm.list_models()" in msg
+
+
+def test_student_size_check_names_the_models_entry_of_an_unknown_name():
+    with pytest.raises(UserError, match=r"unknown model 'cifar_resnt20' \(config key 'models\[1\]'\); "
+                                        r"did you mean 'cifar_resnet20'"):  # fmt: skip
+        check_student_sizes(["cifar_resnet8", "cifar_resnt20"], 10, False)
+
+
 def test_efficientnet_small_keeps_resolution_in_stages_2_and_3():
     from timm.models.efficientnet import EfficientNet
 

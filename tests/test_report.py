@@ -174,6 +174,7 @@ def test_pipeline_writes_report_with_every_section(tiny_run: Path) -> None:
 def test_samples_refused_when_the_unlabeled_set_changed(tiny_run: Path, tmp_path: Path) -> None:
     """Store rows name images by position in the set they labeled: once the set has changed
     (an image removed here), the report says so instead of showing other images' pictures."""
+    from noisystudent.fingerprints import set_fingerprint
     from noisystudent.inputs import load_data
     from noisystudent.rundir import RunDir
 
@@ -182,6 +183,7 @@ def test_samples_refused_when_the_unlabeled_set_changed(tiny_run: Path, tmp_path
     data = load_data(load_config(run), RunDir(run))
     n = len(data.unlabeled)
     data.unlabeled = data.unlabeled.subset(np.arange(1, n))
+    data.fingerprints["unlabeled"] = set_fingerprint(data.unlabeled, None)  # as loading it gives
     html = build_report(run, data=data, tensorboard=False).path.read_text()
     samples = _section(html, "samples")
     assert "changed since teacher iter0 labeled them" in samples and "<img" not in samples

@@ -4,6 +4,7 @@ safetensors, and load_state refusing pickled code."""
 from __future__ import annotations
 
 import errno
+import os
 import pickle
 import subprocess
 import sys
@@ -13,7 +14,14 @@ import pytest
 import torch
 
 from noisystudent.errors import UserError
-from noisystudent.rundir import RunDir, atomic_write, load_state, write_text
+from noisystudent.rundir import (
+    RunDir,
+    atomic_write,
+    load_state,
+    read_lines_json,
+    write_text,
+)
+from noisystudent.rundir.io import append_line
 
 from .helpers import Malicious, small_tc, train_small
 
@@ -105,3 +113,56 @@ def test_malicious_pickle_checkpoint_is_refused_without_running_code(tmp_path):
     with pytest.raises(UserError, match="refused"):
         load_state(tmp_path / "torch_format.pt")
     assert not marker.exists()
+
+
+def _faulty_writes(monkeypatch, target: Path, faults: list):
+    """os.write on descriptors of `target` follows `faults`, one per call: an int n writes
+    only the first n bytes (a short write), an OSError is raised, None writes normally (also
+    once the list is used up). Every other descriptor writes normally."""
+    real = os.write
+    target = str(target.resolve())
+    faults = list(faults)
+
+    def write(fd, data):
+        if os.path.realpath(f"/proc/self/fd/{fd}") != target or not faults:
+            return real(fd, data)
+        f = faults.pop(0)
+        if isinstance(f, OSError):
+            raise f
+        return real(fd, data if f is None else bytes(data)[:f])
+
+    monkeypatch.setattr(os, "write", write)
+
+
+def _disk_full() -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_append_line_continues_a_short_write(tmp_path, monkeypatch):
+    p = tmp_path / "metrics.jsonl"
+    append_line(p, '{"a": 1}')
+    _faulty_writes(monkeypatch, p, [3, 2])  # two short writes, then the rest
+    append_line(p, '{"b": 22}')
+    assert p.read_text() == '{"a": 1}\n{"b": 22}\n'
+
+
+@pytest.mark.parametrize("fault", ["enospc", "short_then_enospc", "short_then_nothing"])
+def test_append_line_disk_full_or_short_write_is_an_error_leaving_no_torn_line(
+    tmp_path, monkeypatch, fault
+):
+    p = tmp_path / "metrics.jsonl"
+    append_line(p, '{"a": 1}')
+    faults = {"enospc": [_disk_full()], "short_then_enospc": [4, _disk_full()],
+              "short_then_nothing": [4, 0]}[fault]  # fmt: skip
+    _faulty_writes(monkeypatch, p, faults)
+    with pytest.raises(UserError, match=r"cannot append to '.*metrics.jsonl': the disk is full"):
+        append_line(p, '{"b": 22}')
+    assert p.read_text() == '{"a": 1}\n'  # the partial line was cut off again
+    append_line(p, '{"c": 3}')  # once there is space, the log goes on with whole lines
+    assert read_lines_json(p) == ([{"a": 1}, {"c": 3}], 0)
+
+
+def test_atomic_write_into_a_folder_it_cannot_create_is_an_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match=r"cannot write '.*afile/sub/f.json': .*make its folder"):
+        write_text(tmp_path / "afile" / "sub" / "f.json", "{}")

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from noisystudent.data import BadImageLog, ImageSet, hidden_labels
 from noisystudent.errors import UserError
-from noisystudent.labeling import collect_shards, data_fingerprint, label_shards
+from noisystudent.fingerprints import set_fingerprint
+from noisystudent.labeling import collect_shards, label_shards
 from noisystudent.rundir import save_tensors
 from noisystudent.runtime import Runtime
 from noisystudent.store import (
@@ -70,7 +71,7 @@ def _logits(n: int, c: int, seed: int = 0) -> torch.Tensor:
 def _identity(images: ImageSet, k: int, temperature: float) -> dict[str, str]:
     return {
         "teacher_sha256": "a" * 64,
-        "data_fingerprint": data_fingerprint(images),
+        "data_fingerprint": set_fingerprint(images, None),
         "k": str(k),
         "temperature": str(temperature),
     }

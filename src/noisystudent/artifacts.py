@@ -111,14 +111,42 @@ def load_model(run: RunDir, i: int, role: str = "teacher", expect_name: str | No
             f"manifest (sha256 differs); restore it or re-run that training stage"
         )
     model = create_model(meta["name"], len(found["classes"]))
+    tensors = load_tensors(path)
     try:
-        model.load_state_dict(load_tensors(path))
+        model.load_state_dict(tensors)
     except RuntimeError as e:
         raise UserError(
             f"checkpoint '{path}' does not fit model '{meta['name']}' with "
-            f"{meta['num_classes']} classes: {str(e).splitlines()[0]}"
+            f"{meta['num_classes']} classes: {_state_dict_differences(model, tensors, e)}; "
+            f"use the run directory it was made in, or retrain"
         ) from None
     return model, meta
+
+
+def _state_dict_differences(model: Classifier, tensors: dict, err: Exception) -> str:
+    """What differs between a model and the tensors of a file, on one line: missing and
+    unexpected key counts with the first few names, the first size mismatch with both shapes."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in tensors]
+    unexpected = [k for k in tensors if k not in want]
+    sizes = [k for k in want if k in tensors and tuple(tensors[k].shape) != tuple(want[k].shape)]
+
+    def first(keys: list[str]) -> str:
+        more = f", ... ({len(keys) - 3} more)" if len(keys) > 3 else ""
+        return ", ".join(keys[:3]) + more
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} key(s) missing from the file ({first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) in the file ({first(unexpected)})")
+    if sizes:
+        k = sizes[0]
+        parts.append(
+            f"{len(sizes)} size mismatch(es), first '{k}': {list(tensors[k].shape)} in the file "
+            f"vs {list(want[k].shape)} in the model"
+        )
+    return "; ".join(parts) or " ".join(str(err).split())
 
 
 def _header(path) -> dict[str, str]:

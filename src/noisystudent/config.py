@@ -8,7 +8,10 @@ config is saved as `config.yaml` in the run directory.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import difflib
+import math
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,6 +38,11 @@ class DataConfig:
     on_bad_image: str = "skip"  # unlabeled set: "skip" unreadable files (and list them) or "error"
     on_bad_labeled: str = "error"  # labeled and test sets: "error" naming the file, or "skip"
     max_bad_fraction: float = 0.01  # skipping more than this fraction of a set stops the run
+    # an image with more pixels is unreadable (the policy above); Pillow's own limit; null: none
+    max_image_pixels: int | None = 89_478_485
+    # how a stage tells that its images changed: "listing" (paths, sizes, modification times;
+    # an index file's own bytes) or "content" (every file's bytes: where mtimes cannot be trusted)
+    fingerprint: str = "listing"
 
 
 @dataclass
@@ -192,11 +200,14 @@ RUNTIME_KEYS = {
 RUNTIME_KEYS |= {f"robustness.{f.name}" for f in fields(RobustnessConfig)}
 # How often a checkpoint is written changes no result (resume is exact), so it may change too.
 RUNTIME_KEYS |= {"teacher.checkpoint_every_steps", "student.checkpoint_every_steps"}
+# How changed images are detected changes no result (a switch re-runs the stages that read them).
+RUNTIME_KEYS |= {"data.fingerprint"}
 
 CHOICES = {
     "data.dataset": ("folder", "digits"),
     "data.on_bad_image": ("skip", "error"),
     "data.on_bad_labeled": ("error", "skip"),
+    "data.fingerprint": ("listing", "content"),
     "teacher.optimizer": ("sgd", "adamw"),
     "student.optimizer": ("sgd", "adamw"),
     "teacher.init": ("scratch", "teacher"),
@@ -211,6 +222,11 @@ CHOICES = {
 }
 # YAML booleans accepted for these string keys (compile: true -> "on")
 _BOOL_WORDS = {"compile": ("off", "on")}
+
+
+# A decimal number as people write it (1e6, 1E-3, 5e-4, -1e2, .5, 3.): YAML 1.1 reads one with an
+# exponent but no dot or no exponent sign as a string, so numeric keys accept these strings too.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -237,14 +253,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise UserError(f"config key '{key}' must be true or false, got {value!r}")
     if tp is int:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            d = decimal.Decimal(value.strip())  # exact: "1e3" is 1000, "1.5e0" is not an integer
+            if d.adjusted() < 19 and d == d.to_integral_value():
+                return int(d)
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             raise UserError(f"config key '{key}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value.strip())  # YAML 1.1 reads 1e6, 5e-4 (no dot or sign) as strings
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config key '{key}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise UserError(f"config key '{key}' must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if value is None:
@@ -296,17 +320,96 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+_SEED_END = 2**53  # seeds are integers in [0, 2**53): torch, numpy and the hashes all take them
+# Valid ranges of the numeric keys, checked when a config is loaded (out of range, a value would
+# crash a stage later or give nonsense): key -> (low, high, interval, note). A bound of None is
+# unbounded; interval "[]", "[)", "(]" or "()" says which ends are allowed; an optional key set to
+# null is not checked; every entry of a list is.
+RANGES: dict[str, tuple[float | None, float | None, str, str]] = {
+    "seed": (0, _SEED_END, "[)", ""),
+    "data.image_size": (8, None, "[]", ""),
+    "data.labels_per_class": (1, None, "[]", ""),
+    "data.num_workers": (0, None, "[]", " (0: load in the main process)"),
+    "data.max_bad_fraction": (0, 1, "[]", ""),
+    **{
+        f"{role}.{name}": rng
+        for role in ("teacher", "student")
+        for name, rng in {
+            "epochs": (1, None, "[]", ""),
+            "batch_size": (1, None, "[]", ""),
+            "lr": (0, None, "[]", " (0: the weights stay as initialised)"),
+            "momentum": (0, 1, "[)", ""),
+            "weight_decay": (0, None, "[]", ""),
+            "warmup_epochs": (0, None, "[]", " (0: no warm-up)"),
+            "label_smoothing": (0, 1, "[)", ""),
+            "drop_rate": (0, 1, "[)", " (null: the model's default)"),
+            "drop_path_rate": (0, 1, "[)", " (null: the model's default)"),
+            "ratio": (1, None, "[]", ""),
+            "unlabeled_weight": (0, None, "[]", " (null: the ratio)"),
+            "checkpoint_every_steps": (0, None, "[]", " (0: at epoch ends only)"),
+            "ema_decay": (0, 1, "[)", " (null: no EMA)"),
+        }.items()
+    },
+    "pseudo.temperature": (0, None, "(]", ""),
+    "pseudo.retemper": (0, None, "(]", " (1: as stored)"),
+    "pseudo.label_smoothing": (0, 1, "[)", ""),
+    "pseudo.topk": (1, None, "[]", " (null: all classes up to 100, else 10)"),
+    "pseudo.batch_size": (1, None, "[]", ""),
+    "pseudo.shard_size": (1, None, "[]", ""),
+    "select.threshold": (0, 1, "[]", ""),
+    "select.per_class": (1, None, "[]", " (null: the mean per-class count)"),
+    "robustness.subset": (1, None, "[]", " (null: the whole test set)"),
+    "robustness.seed": (0, _SEED_END, "[)", ""),
+    "robustness.perturbation_subset": (1, None, "[]", " (null: all)"),
+    "robustness.fgsm_eps": (0, None, "[]", " (units of 1/255)"),
+    "robustness.pgd_eps": (0, None, "[]", " (units of 1/255)"),
+    "robustness.pgd_steps": (1, None, "[]", ""),
+    "finetune.epochs": (1, None, "[]", ""),
+    "finetune.lr": (0, None, "(]", ""),
+    "finetune.batch_size": (1, None, "[]", ""),
+    "finetune.freeze_blocks": (0, None, "[]", " (0: nothing frozen)"),
+    "eval_batch_size": (1, None, "[]", ""),
+}
+# keys that are also command-line options, named with the key in an error
+_OPTION_NAMES = {"robustness.subset": "--subset", "robustness.seed": "--seed"}
+
+
+def _bound(b: float) -> str:
+    return "2**53" if b == _SEED_END else f"{b:g}"
+
+
+def _check_range(cfg: Config, key: str, lo: float | None, hi: float | None, interval: str,
+                 note: str) -> None:  # fmt: skip
+    """Raise UserError naming the key, its value and the valid range if `key` is outside it."""
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    for v in value if isinstance(value, list) else [value]:
+        if v is None:
+            continue
+        ok = (lo is None or (v >= lo if interval[0] == "[" else v > lo)) and (
+            hi is None or (v <= hi if interval[1] == "]" else v < hi)
+        )
+        if ok:
+            continue
+        if hi is None:
+            want = f"{'>=' if interval[0] == '[' else '>'} {_bound(lo)}"
+        else:
+            want = f"in {interval[0]}{_bound(lo)}, {_bound(hi)}{interval[1]}"
+        what = "entries" if isinstance(value, list) else ""
+        opt = f" ({_OPTION_NAMES[key]})" if key in _OPTION_NAMES else ""
+        raise UserError(
+            f"config key '{key}'{opt}{' ' + what if what else ''} must be {want}, got {v!r}{note}"
+        )
+
+
 def _validate(cfg: Config) -> None:
     if len(cfg.models) < 1:
         raise UserError("config key 'models' needs at least one model (the first teacher)")
+    for key, (lo, hi, interval, note) in RANGES.items():
+        _check_range(cfg, key, lo, hi, interval, note)
     for key in ("teacher", "student"):
         t: TrainConfig = getattr(cfg, key)
-        if t.epochs < 1 or t.batch_size < 1 or t.ratio < 1:
-            raise UserError(f"config '{key}': epochs, batch_size and ratio must be >= 1")
-        if t.checkpoint_every_steps < 0:
-            raise UserError(
-                f"config key '{key}.checkpoint_every_steps' must be >= 0 (0: at epoch ends only)"
-            )
         if t.randaugment is not None and not str(t.randaugment).startswith("rand"):
             raise UserError(
                 f"config key '{key}.randaugment' must be a timm RandAugment string like "
@@ -319,14 +422,12 @@ def _validate(cfg: Config) -> None:
             f"student.init=teacher needs the same architecture, but teacher is '{t}' and student "
             f"'{s}'; use student.init=auto (from the teacher only where they match) or scratch"
         )
-    if not 0.0 <= cfg.select.threshold <= 1.0:
-        raise UserError("config key 'select.threshold' must be in [0, 1]")
-    if cfg.pseudo.temperature <= 0:
-        raise UserError("config key 'pseudo.temperature' must be > 0")
-    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
-        raise UserError("config key 'data.max_bad_fraction' must be in [0, 1]")
-    if cfg.data.image_size < 8:
-        raise UserError("config key 'data.image_size' must be >= 8")
+    ft = cfg.finetune
+    if ft.enabled and (ft.image_size is None or ft.image_size <= cfg.data.image_size):
+        raise UserError(
+            f"config key 'finetune.image_size' must be larger than data.image_size "
+            f"({cfg.data.image_size}) when finetune.enabled is true, got {ft.image_size!r}"
+        )
 
 
 def load_config(

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import sys
+import warnings
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from . import distributed as dist
 from .errors import UserError
 from .progress import bar as progress_bar
 from .rundir import atomic_write, write_json, write_text
@@ -27,6 +31,10 @@ from .tarshards import TarMember, is_tar, scan_tars
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SMALL_IMAGE_MAX = 64  # at or below this resolution, images are decoded once into a uint8 cache
+# Pillow's default Image.MAX_IMAGE_PIXELS (1024 * 1024 * 1024 // 4 // 3), as a constant: Pillow
+# itself only warns between 1x and 2x it and refuses above 2x; here (data.max_image_pixels) an
+# image over the limit is unreadable, checked from the header before any pixel is decoded.
+PIL_MAX_PIXELS = 89_478_485
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey image
 
 
@@ -41,6 +49,12 @@ class ImageSet:
     # What to do with a file found unreadable while reading it (file-backed sets, read per access
     # in the DataLoader): None raises an error naming the file; a BadImageLog skips and counts.
     bad_log: BadImageLog | None = None
+    # Images with more pixels than this are unreadable (data.max_image_pixels; None: no limit).
+    # Kept on the set, so DataLoader workers (forked or spawned) apply the same limit.
+    max_pixels: int | None = PIL_MAX_PIXELS
+    # The folder the uids are relative to (an index file's root line), resolved; None for sets
+    # in memory. Used to find the same files in two sets (`overlap`).
+    root: str | None = None
 
     def __len__(self) -> int:
         return len(self.uids)
@@ -54,13 +68,15 @@ class ImageSet:
             paths=None if self.paths is None else take(self.paths, idx),
             array=None if self.array is None else self.array[idx],
             bad_log=self.bad_log,
+            max_pixels=self.max_pixels,
+            root=self.root,
         )
 
     def image(self, i: int) -> Image.Image:
         if self.array is not None:
             return Image.fromarray(self.array[i])
         assert self.paths is not None
-        return load_rgb(self.paths[i])
+        return load_rgb(self.paths[i], self.max_pixels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,17 +104,33 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def load_rgb(path: str | Path) -> Image.Image:
+def load_rgb(path: str | Path, max_pixels: int | None = PIL_MAX_PIXELS) -> Image.Image:
     """Open an image file fully (so a truncated file fails here) and convert it to RGB.
 
-    Any decoder failure (not an image, truncated, corrupt, a decompression bomb over Pillow's
-    pixel limit, a missing file) becomes `BadImage` naming the file; only MemoryError passes."""
+    Any decoder failure (not an image, truncated, corrupt, more than `max_pixels` pixels, a
+    missing file) becomes `BadImage` naming the file; only MemoryError passes. The pixel count
+    is checked from the header (Image.open reads only that) before anything is decoded.
+    `max_pixels=None`: no limit."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and (max_pixels is None or max_pixels >= 2 * limit):
+        # Pillow refuses images over 2x its own process-wide limit inside Image.open; raise
+        # that to the limit asked for (only ever up), so this limit is the one that decides.
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with Image.open(path.open() if isinstance(path, TarMember) else path) as img:
-            img.load()
-            return to_rgb(img)
-    except MemoryError:
+        with warnings.catch_warnings():
+            # Pillow warns between 1x and 2x its limit; the check below decides instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path.open() if isinstance(path, TarMember) else path) as img:
+                w, h = img.size
+                if max_pixels is not None and w * h > max_pixels:
+                    raise BadImage(_too_large(path, f"{w}x{h} = {w * h:,} pixels", max_pixels))
+                img.load()
+                return to_rgb(img)
+    except (MemoryError, BadImage):
         raise
+    except Image.DecompressionBombError:  # over 2x Pillow's limit, so over max_pixels too
+        more = f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels"
+        raise BadImage(_too_large(path, more, max_pixels)) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Exception) as e:
         msg = str(e).splitlines()[0] if str(e) else ""
         raise BadImage(f"cannot read image '{path}': {type(e).__name__}: {msg}") from None
@@ -106,6 +138,13 @@ def load_rgb(path: str | Path) -> Image.Image:
 
 class BadImage(UserError):
     pass
+
+
+def _too_large(path: object, size: str, max_pixels: int | None) -> str:
+    return (
+        f"cannot read image '{path}': {size}, over data.max_image_pixels={max_pixels} "
+        f"(raise it, or set it to null, to read such images)"
+    )
 
 
 class BadImageLog:
@@ -200,8 +239,10 @@ def scan_class_folders(root: str | Path, what: str = "labeled") -> ImageSet:
         raise UserError(f"{what} data folder '{root}' does not exist; check data.{what}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
+        key = f"; check data.{what}" if what in ("labeled", "test") else ""
         raise UserError(
-            f"{what} data folder '{root}' has no class sub-folders; expected {root}/<class>/<image>"
+            f"{what} data folder '{root}' has no class sub-folders; a classifier needs at least "
+            f"two class folders, {root}/<class>/<image>{key}"
         )
     uids, labels, paths = [], [], []
     for ci, c in enumerate(classes):
@@ -214,7 +255,8 @@ def scan_class_folders(root: str | Path, what: str = "labeled") -> ImageSet:
             uids.append(p.relative_to(root).as_posix())
             labels.append(ci)
             paths.append(p)
-    return ImageSet(classes, uids, np.asarray(labels, dtype=np.int64), paths=paths)
+    labels_ = np.asarray(labels, dtype=np.int64)
+    return ImageSet(classes, uids, labels_, paths=paths, root=os.path.realpath(root))
 
 
 def scan_unlabeled(root: str | Path, classes: list[str]) -> ImageSet:
@@ -227,7 +269,8 @@ def scan_unlabeled(root: str | Path, classes: list[str]) -> ImageSet:
         uids, paths = scan_tars(root, [root])
         cidx = {c: i for i, c in enumerate(classes)}
         labels = [cidx.get(m.name.split("/")[0], -1) if "/" in m.name else -1 for m in paths]
-        return ImageSet(classes, uids, np.asarray(labels, dtype=np.int64), paths=paths)
+        labels_ = np.asarray(labels, dtype=np.int64)  # uids: "<archive name>/<member>"
+        return ImageSet(classes, uids, labels_, paths=paths, root=os.path.realpath(root.parent))
     if not root.is_dir():
         raise UserError(f"unlabeled data folder '{root}' does not exist; check data.unlabeled")
     cidx = {c: i for i, c in enumerate(classes)}
@@ -241,7 +284,9 @@ def scan_unlabeled(root: str | Path, classes: list[str]) -> ImageSet:
     keys = uids + [m.name for m in tar_members]
     labels = [cidx.get(u.split("/")[0], -1) if "/" in u else -1 for u in keys]
     uids += tar_uids
-    return ImageSet(classes, uids, np.asarray(labels, dtype=np.int64), paths=[*files, *tar_members])
+    labels_ = np.asarray(labels, dtype=np.int64)
+    paths = [*files, *tar_members]
+    return ImageSet(classes, uids, labels_, paths=paths, root=os.path.realpath(root))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,15 +402,19 @@ def read_index(path: str | Path, what: str) -> ImageSet:
                 labels.append(cidx.get(parts[1], -1))
             pos += len(line)
     uids = IndexColumn(path, np.frombuffer(span, dtype=np.int64).reshape(-1, 2).copy())
-    return ImageSet(
-        classes, uids, np.frombuffer(labels, dtype=np.int64).copy(), paths=uids.with_root(root)
-    )
+    labels_ = np.frombuffer(labels, dtype=np.int64).copy()
+    return ImageSet(classes, uids, labels_, paths=uids.with_root(root), root=os.path.realpath(root))
 
 
 def split_dataset(src: str | Path, out: str | Path, labels_per_class: int, seed: int = 0) -> dict:
     """Standard SSL protocol: N labels per class (seeded), the rest unlabeled (labels hidden, kept
     only to audit pseudo labels). Writes out/labeled.tsv, out/unlabeled.tsv, out/split.json."""
     full = scan_class_folders(src, "source")
+    if len(full.classes) < 2:
+        raise UserError(
+            f"source folder '{src}' has 1 class folder ({full.classes[0]}); a classifier needs "
+            f"at least two class folders, {src}/<class>/<image>"
+        )
     rng = np.random.default_rng(seed)
     lab_idx = []
     for ci, c in enumerate(full.classes):
@@ -409,10 +458,113 @@ def load_set(spec: str | Path, what: str, classes: list[str] | None = None) -> I
 
 
 # ---------------------------------------------------------------------------------------------
+# checks across the sets of a run (inputs.load_data)
+def check_classes(s: ImageSet, spec: str | Path, what: str) -> None:
+    """Labels a classifier can learn from: no index row of a class missing from the index's
+    class list (it would be class -1), and (labeled set) images of at least two classes; one
+    class would train a constant model that scores 100% on a test set of that class."""
+    unknown = np.flatnonzero(s.labels < 0)
+    if len(unknown):
+        raise UserError(
+            f"{what} index '{spec}' has {len(unknown)} rows whose class is not in its "
+            f"'# classes:' line (first: '{s.uids[int(unknown[0])]}'); re-make it with "
+            f"`noisystudent split` or fix data.{what}"
+        )
+    present = [s.classes[int(c)] for c in np.unique(s.labels)]
+    if what == "labeled" and len(present) < 2:
+        has = f"1 class ({present[0]})" if present else "no classes"
+        raise UserError(
+            f"labeled data '{spec}' has {has}; a classifier needs at least two class folders: "
+            f"give data.labeled one sub-folder per class, <folder>/<class>/<image>"
+        )
+
+
+def _uid_strings(s: ImageSet) -> Iterator[str]:
+    """The uids of a set, streamed; an index file's are sliced from one mapping of the file
+    instead of one read per uid."""
+    u = s.uids
+    if not isinstance(u, IndexColumn):
+        yield from u
+        return
+    with open(u.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        for a, b in zip(u.span[:, 0].tolist(), u.span[:, 1].tolist(), strict=True):
+            yield m[a:b].decode()
+
+
+def overlap(a: ImageSet, b: ImageSet) -> int:
+    """How many images of `a` are also in `b`: the same file, by resolved root + relative path
+    (no image is read or hashed; a file reached through a symlink inside a set's folder counts
+    as another file). Free when neither set's folder lies inside the other's (no file can be
+    in both); else a set of path strings for the smaller set, the larger streamed past it."""
+    if a.root is None or b.root is None or not len(a) or not len(b):
+        return 0
+    ra, rb = Path(a.root), Path(b.root)
+    if not (ra.is_relative_to(rb) or rb.is_relative_to(ra)):
+        return 0
+    outer = ra if rb.is_relative_to(ra) else rb  # uids are compared relative to this folder
+    small, big = (a, b) if len(a) <= len(b) else (b, a)
+    ps, pb = ("" if x.root == str(outer) else f"{Path(str(x.root)).relative_to(outer).as_posix()}/"
+              for x in (small, big))  # fmt: skip
+    keys = {ps + u for u in _uid_strings(small)} if ps else set(_uid_strings(small))
+    if pb:
+        return sum(1 for u in _uid_strings(big) if pb + u in keys)
+    return sum(1 for u in _uid_strings(big) if u in keys)
+
+
+_warned: set[str] = set()
+
+
+def warn_once(msg: str) -> None:
+    """One line on stderr, from rank 0, once per process (data is loaded again by later stages)."""
+    if msg not in _warned and dist.is_main():
+        _warned.add(msg)
+        print(f"noisystudent: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def check_sets(sets: dict[str, ImageSet], specs: dict[str, str]) -> None:
+    """The same folder (or index file) as labeled and unlabeled data, or as labeled and test
+    data, is an error. Files in more than one set (one folder inside another, an index and a
+    folder over the same images) are a warning with the count, printed once.
+
+    Overlapping images are KEPT in the unlabeled set: the teacher pseudo-labels them like the
+    rest, so the student also sees a labeled image with its teacher's soft label. The paper says
+    nothing about removing them and common SSL practice (FixMatch, UDA, MixMatch) uses the whole
+    training set as unlabeled data; dropping them silently would change the set the user gave
+    (and every stored image index). Test images in the labeled or unlabeled set are kept too:
+    the warning says test accuracy is then optimistic."""
+    real = {w: os.path.realpath(specs[w]) for w in ("labeled", "unlabeled", "test")}
+    for other in ("unlabeled", "test"):
+        if real[other] == real["labeled"]:
+            why = {
+                "unlabeled": "give a separate folder of unlabeled images (or index files made "
+                "by `noisystudent split`)",
+                "test": "test accuracy would count the images the teacher trained on; give a "
+                "held-out folder",
+            }[other]
+            raise UserError(
+                f"data.{other} '{specs[other]}' is the same folder as data.labeled; {why}"
+            )
+    lab, unl, test = sets["labeled"], sets["unlabeled"], sets["test"]
+    if n := overlap(unl, lab):
+        warn_once(
+            f"{n} unlabeled images are also in data.labeled ('{specs['labeled']}'); they are "
+            f"kept and pseudo-labeled too (remove them from data.unlabeled to avoid it)"
+        )
+    for other, s in (("labeled", lab), ("unlabeled", unl)):
+        if n := overlap(test, s):
+            warn_once(
+                f"{n} test images are also in data.{other} ('{specs[other]}'), so test "
+                f"accuracy is optimistic; use a held-out data.test"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
 # uint8 decode cache
 def fingerprint(s: ImageSet, size: int) -> str:
     """Identity of a file-backed set at a resolution: uids, sizes and mtimes of its files."""
     h = hashlib.sha1(f"v1|{size}|".encode())
+    if s.max_pixels != PIL_MAX_PIXELS:  # another limit may keep other files (default: as before)
+        h.update(f"px{s.max_pixels}|".encode())
     assert s.paths is not None
     for uid, p in zip(s.uids, s.paths, strict=True):
         try:

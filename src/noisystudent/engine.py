@@ -131,7 +131,7 @@ def _drop_bad(x: torch.Tensor, idx: torch.Tensor, images: ImageSet):
     for j in (-1 - idx[bad]).tolist():
         path = images.paths[j] if images.paths is not None else images.uids[j]
         try:  # the worker only said "bad"; read it again here for the reason
-            load_rgb(path)
+            load_rgb(path, images.max_pixels)
             reason = f"cannot read image '{path}' (it failed once while loading)"
         except BadImage as e:
             reason = str(e)
@@ -276,10 +276,41 @@ class _Meters:
                 "n_sum": self.n_sum, "seen": self.seen}  # fmt: skip
 
 
+class NonFinite(UserError):
+    """Training diverged: a non-finite loss, or weights / optimizer state gone non-finite. The
+    last good checkpoint is kept; the stage adds how to retry."""
+
+
+def _non_finite(parts: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in these objects' state dicts holding a NaN or an
+    infinity (one host sync for all of them)."""
+    names, flags = [], []
+
+    def walk(prefix: str, x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            if x.is_floating_point():
+                names.append(prefix)
+                flags.append(torch.isfinite(x).all())
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(x, (list, tuple)):
+            for k, v in enumerate(x):
+                walk(f"{prefix}.{k}", v)
+
+    for name, obj in parts.items():
+        walk(name, obj.state_dict())
+    if not flags:
+        return []
+    ok = torch.stack(flags).cpu().tolist()
+    return [n for n, good in zip(names, ok, strict=True) if not good]
+
+
 class _FiniteGuard:
     """The first non-finite loss: its step and value, kept on the device (no per-step host
     sync). `check` raises; it runs before every checkpoint, so a broken model never overwrites
-    the last good checkpoint."""
+    the last good checkpoint. `check_state` looks at the state itself, once per checkpoint: a
+    step can leave non-finite weights behind while its own loss was still finite."""
 
     def __init__(self, device: torch.device, tag: str, lr: float, per_epoch: int):
         self.step = torch.full((), -1, dtype=torch.long, device=device)
@@ -300,15 +331,33 @@ class _FiniteGuard:
         if s < 0:
             return
         e, k = divmod(s - 1, self.per_epoch)
-        kept = (
-            f"the last good checkpoint '{ckpt.path}' (step {ckpt.saved_step}) is kept"
-            if ckpt.saved_step is not None
-            else "no checkpoint was written yet"
-        )
-        raise UserError(
+        raise NonFinite(
             f"{self.tag}: loss became {self.loss.item()} at step {s} (epoch {e + 1}, step {k + 1} "
-            f"of {self.per_epoch}); lower the learning rate ({self.lr}) or check the data; {kept}"
+            f"of {self.per_epoch}); lower the learning rate ({self.lr:g}) or check the data; "
+            f"{self._kept(ckpt)}"
         )
+
+    def check_state(self, parts: dict[str, Any], ckpt: Checkpoint, step: int) -> None:
+        bad = _non_finite({**parts, **ckpt.extra})
+        if dist.is_distributed():  # every rank stops, or none
+            n = torch.tensor([len(bad)], device=self.step.device)
+            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+            if int(n.item()) and not bad:
+                bad = ["(on another rank)"]
+        if not bad:
+            return
+        e, k = divmod(step - 1, self.per_epoch)
+        raise NonFinite(
+            f"{self.tag}: {len(bad)} weight/optimizer tensors hold NaN or inf at step {step} "
+            f"(epoch {e + 1}, step {k + 1} of {self.per_epoch}; first: {bad[0]}) although the "
+            f"loss was still finite; lower the learning rate ({self.lr:g}); {self._kept(ckpt)}"
+        )
+
+    @staticmethod
+    def _kept(ckpt: Checkpoint) -> str:
+        if ckpt.saved_step is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint '{ckpt.path}' (step {ckpt.saved_step}) is kept"
 
 
 def _prepare(model: nn.Module, tc: TrainConfig, rt: Runtime):
@@ -395,6 +444,7 @@ def train(model: nn.Module, data: TrainData, tc: TrainConfig, ckpt: Checkpoint,
 
     def save(epoch: int, step_in_epoch: int) -> None:
         guard.check(ckpt)  # never overwrite the last good checkpoint with a broken model
+        guard.check_state(parts, ckpt, step)
         position = {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": step}
         ckpt.save(parts, position, meters.state(), loss_val, t_used + time.time() - t0)
 

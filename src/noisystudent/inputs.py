@@ -4,7 +4,7 @@ data.max_bad_fraction)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import distributed as dist
 from .config import Config
@@ -13,11 +13,14 @@ from .data import (
     BadImage,
     BadImageLog,
     ImageSet,
+    check_classes,
+    check_sets,
     decode_to_array,
     digits_sets,
     load_set,
 )
 from .errors import UserError
+from .fingerprints import set_fingerprint
 from .rundir import RunDir
 
 
@@ -28,10 +31,17 @@ class Data:
     test: ImageSet
     size: int
     small: bool
+    # set name -> its fingerprint as scanned (fingerprints.py): what stages record as read
+    fingerprints: dict[str, str] = field(default_factory=dict)
 
     @property
     def classes(self) -> list[str]:
         return self.labeled.classes
+
+    def read(self, *sets: str) -> dict[str, str]:
+        """The fingerprints of the named sets ("labeled", "unlabeled", "test"), for a stage's
+        manifest entry: the stage runs again when one of them changes."""
+        return {f"data:{w}": self.fingerprints[w] for w in sets}
 
 
 def _bad_log(cfg: Config, run: RunDir, s: ImageSet, what: str) -> BadImageLog:
@@ -54,16 +64,22 @@ def load_data(cfg: Config, run: RunDir) -> Data:
     data.max_bad_fraction of a set stops the run. Small images are all checked here; large ones
     when first read (a DataLoader worker marks the file, the main process applies the policy)."""
     d, size = cfg.data, cfg.data.image_size
+    if d.max_image_pixels is not None and d.max_image_pixels < 1:
+        raise UserError("config key 'data.max_image_pixels' must be >= 1, or null for no limit")
     if d.dataset == "digits":
         lab, unl, test = digits_sets(size, d.labels_per_class, seed=cfg.seed)
-        return Data(lab, unl, test, size, small=True)
+        fps = {w: set_fingerprint(s, None, d.fingerprint)
+               for w, s in (("labeled", lab), ("unlabeled", unl), ("test", test))}  # fmt: skip
+        return Data(lab, unl, test, size, small=True, fingerprints=fps)
     for key in ("labeled", "unlabeled", "test"):
         if getattr(d, key) is None:
             raise UserError(
                 f"config key 'data.{key}' is not set; give a folder (or data.dataset=digits)"
             )
     lab = load_set(d.labeled, "labeled")
+    check_classes(lab, d.labeled, "labeled")  # at least two classes
     test = load_set(d.test, "test")
+    check_classes(test, d.test, "test")
     if test.classes != lab.classes:
         only_l = sorted(set(lab.classes) - set(test.classes))
         only_t = sorted(set(test.classes) - set(lab.classes))
@@ -74,6 +90,11 @@ def load_data(cfg: Config, run: RunDir) -> Data:
     unl = load_set(d.unlabeled, "unlabeled", lab.classes)
     small = size <= SMALL_IMAGE_MAX
     sets = {"labeled": lab, "test": test, "unlabeled": unl}
+    check_sets(sets, {w: getattr(d, w) for w in sets})  # same folder: error; overlap: warning
+    for s in sets.values():
+        s.max_pixels = d.max_image_pixels  # over it: unreadable (travels to DataLoader workers)
+    # as scanned, before decoding: the files' listing, not the decoded pixels
+    fps = {w: set_fingerprint(s, getattr(d, w), d.fingerprint) for w, s in sets.items()}
     for what, s in list(sets.items()):
         log = _bad_log(cfg, run, s, what)
         if small:
@@ -99,4 +120,4 @@ def load_data(cfg: Config, run: RunDir) -> Data:
         if len(s) == 0:
             raise UserError(f"no readable images in {what} data '{getattr(d, what)}'")
         sets[what] = s
-    return Data(sets["labeled"], sets["unlabeled"], sets["test"], size, small)
+    return Data(sets["labeled"], sets["unlabeled"], sets["test"], size, small, fps)

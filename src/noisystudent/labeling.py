@@ -11,7 +11,6 @@ is refused rather than mixed in.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +39,10 @@ from .store import (
 TRIM_EVERY_BATCHES = 32
 
 
-def data_fingerprint(images: ImageSet) -> str:
-    """Identity of the unlabeled set as labeled: its uids, in order."""
-    h = hashlib.sha256(f"{len(images)}\n".encode())
-    for u in images.uids:
-        h.update(u.encode())
-        h.update(b"\n")
-    return h.hexdigest()[:32]
-
-
 def check_shard(root: Path, j: int, start: int, count: int, identity: dict[str, str]) -> bool:
-    """True if shard j is complete and was made for this identity and range; False if absent.
-    A shard made by another teacher or for other data is refused with an error."""
+    """True if shard j is complete and was made for this identity and range; False if it must
+    be labeled (again): absent, unreadable, of an older store format, or made by another teacher
+    or for other images (the stage's inputs changed since: it is deleted here)."""
     path = root / f"{shard_name(j)}.safetensors"
     if not path.is_file():
         return False
@@ -63,12 +54,10 @@ def check_shard(root: Path, j: int, start: int, count: int, identity: dict[str, 
     ):
         path.unlink(missing_ok=True)  # unreadable, or an older store format: re-label it
         return False
-    for key, want in identity.items():
-        if md.get(key) != str(want):
-            raise UserError(
-                f"pseudo-label shard '{path}' was made with a different {key} ({md.get(key)} != "
-                f"{want}); delete '{root}' to re-label with this teacher and data"
-            )
+    if any(md.get(key) != str(want) for key, want in identity.items()):
+        path.unlink(missing_ok=True)
+        (root / f"{shard_name(j)}.uids").unlink(missing_ok=True)
+        return False
     if md.get("start") != str(start) or md.get("rows_in_range") != str(count):
         raise UserError(
             f"pseudo-label shard '{path}' covers other rows (shard size changed); delete '{root}' and re-run"

@@ -12,6 +12,7 @@ normalises inside the model, so attacks and robustness code work in pixel space.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterator
 
@@ -178,18 +179,36 @@ def _builtin(
     return None
 
 
-BUILTIN_EXAMPLES = [
-    "efficientnet_small_b0",
-    "cifar_resnet8",
-    "cifar_resnet14",
-    "cifar_resnet20",
-    "cifar_resnet32",
-    "cifar_resnet56",
-    "wrn16_1",
-    "wrn16_2",
-    "wrn28_2",
-    "wrn28_10",
-]
+# Names the unknown-model suggestions are drawn from: every built-in size people use plus timm's.
+BUILTIN_NAMES = (
+    [f"efficientnet_small_b{i}" for i in range(8)]
+    + [f"cifar_resnet{d}" for d in (8, 14, 20, 32, 44, 56, 110)]
+    + [f"wrn{d}_{k}" for d in (10, 16, 22, 28, 40) for k in (1, 2, 4, 8, 10)]
+)
+MODELS_LISTED = (
+    "built-ins cifar_resnet{6n+2}, wrn{6n+4}_{k}, efficientnet_small_b0..b7 (docs/method.md, "
+    '"9. Models"), or any name in timm.list_models()'
+)
+
+
+_BUILTIN_PATTERN = re.compile(r"efficientnet_small_b[0-7]|cifar_resnet\d+|wrn\d+_\d+")
+
+
+def is_known_model(name: str) -> bool:
+    """A built-in name (its depth is checked when built) or a timm model name."""
+    return bool(_BUILTIN_PATTERN.fullmatch(name)) or timm.is_model(name)
+
+
+def unknown_model_message(name: str, key: str | None = None) -> str:
+    """One line for a model name that is neither built in nor timm's: close matches only (none
+    when nothing is close), and where the models are listed."""
+    close = difflib.get_close_matches(name.lower(), BUILTIN_NAMES + timm.list_models(), n=3,
+                                      cutoff=0.8)  # fmt: skip
+    names = [repr(c) for c in close]
+    names = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
+    hint = f"did you mean {names}? " if close else ""
+    where = f" (config key '{key}')" if key else ""
+    return f"unknown model '{name}'{where}; {hint}the models are {MODELS_LISTED}"
 
 
 class Classifier(nn.Module):
@@ -215,12 +234,7 @@ def create_model(
     net = _builtin(name, num_classes, drop_rate, drop_path_rate)
     if net is None:
         if not timm.is_model(name):
-            close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
-            hint = f" (similar timm models: {', '.join(close)})" if close else ""
-            raise UserError(
-                f"unknown model '{name}'; use a built-in ({', '.join(BUILTIN_EXAMPLES[:5])}, ...) "
-                f"or a timm model name{hint}"
-            )
+            raise UserError(unknown_model_message(name))
         kwargs = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate}
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         net = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
@@ -239,6 +253,9 @@ def model_params(name: str, num_classes: int) -> int:
 
 def check_student_sizes(names: list[str], num_classes: int, allow_smaller: bool) -> list[int]:
     """Paper: the student is equal-or-larger than its teacher. Refuse a smaller one unless allowed."""
+    for i, n in enumerate(names):
+        if not is_known_model(n):
+            raise UserError(unknown_model_message(n, f"models[{i}]"))
     params = [model_params(n, num_classes) for n in names]
     for i in range(1, len(names)):
         if params[i] < params[i - 1] and not allow_smaller:

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed as dist
-from .artifacts import write_summary
+from .artifacts import read_model_meta, write_summary
 from .config import Config
 from .errors import UserError
 from .inputs import Data, load_data
 from .models import check_student_sizes
 from .robustness.table import format_table as robustness_table
 from .robustness.table import one_line
-from .rundir import RunDir, open_run
+from .rundir import RunDir, open_run, read_json
 from .runtime import Runtime, from_config
 from .stages import (
     evaluate_stage,
@@ -109,6 +109,30 @@ def selection_line(counts: dict[str, Any]) -> str:
     )
 
 
+def trained_line(run: RunDir, i: int) -> str:
+    """What `train-teacher` / `train-student` made."""
+    meta = read_model_meta(run, i)
+    wall = run.manifest.entry(run.it(i).stage("train")).get("wall_s")
+    return (
+        f"[iter {i}] {meta['name']} ({meta['params']:,} params) trained"
+        + (f" in {wall:.0f} s" if isinstance(wall, (int, float)) else "")
+        + f": {run.it(i).model}; `noisystudent evaluate --iteration {i}` gives its test accuracy"
+    )
+
+
+def pseudo_line(run: RunDir, i: int) -> str:
+    """What `pseudo-label` made: where, how many, and their accuracy where labels are known."""
+    paths = run.it(i)
+    n = read_json(paths.pseudo_meta)["count"]
+    audit = read_json(paths.audit)
+    acc = audit.get("accuracy")
+    return f"[iter {i}] pseudo labels of {n:,} unlabeled images: {paths.pseudo}" + (
+        f" (accuracy {acc:.2f}% on the {audit['audited']:,} with a known label)"
+        if acc is not None
+        else ""
+    )
+
+
 def run_stage(cmd: str, cfg: Config, i: int) -> None:
     """One stage (`noisystudent train-teacher`, `pseudo-label`, ...). Under torchrun, training and
     pseudo-labeling use every rank; the other stages run on rank 0 only."""
@@ -123,9 +147,14 @@ def run_stage(cmd: str, cfg: Config, i: int) -> None:
         if cmd in ("select", "evaluate") and not rt.is_main:
             return
         if cmd in ("train-teacher", "train-student"):
-            train_stage(cfg, run, data, 0 if cmd == "train-teacher" else i, rt)
+            j = 0 if cmd == "train-teacher" else i
+            train_stage(cfg, run, data, j, rt)
+            if rt.is_main:
+                print(trained_line(run, j))
         elif cmd == "pseudo-label":
             pseudo_label_stage(cfg, run, data, i, rt)
+            if rt.is_main:
+                print(pseudo_line(run, i))
         elif cmd == "select":
             print(f"[iter {i}] pseudo labels: {selection_line(select_stage(cfg, run, data, i))}")
         elif cmd == "evaluate":

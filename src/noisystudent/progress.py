@@ -40,6 +40,7 @@ class Lines:
         self.total, self.n, self.postfix = total, 0, ""
         self.t0 = self.last = time.monotonic()
         self.printed = False
+        self.printed_n = -1  # the count the last line showed
 
     def __iter__(self) -> Iterator:
         for x in self.iterable or ():
@@ -68,10 +69,10 @@ class Lines:
         post = f", {self.postfix}" if self.postfix else ""
         print(f"{self.desc}: {self.n}{of}{pct} in {el:.0f}s{rate}{post}", file=self.stream,
               flush=True)  # fmt: skip
-        self.printed = True
+        self.printed, self.printed_n = True, self.n
 
     def close(self) -> None:
-        if self.printed:  # a loop long enough to report gets its last line too
-            self.printed = False
+        # a loop long enough to report gets its last line too, unless that one said it already
+        if self.printed and self.printed_n != self.n:
             self._line(time.monotonic())
-            self.printed = False
+        self.printed = False

@@ -26,7 +26,6 @@ class RunFiles:
     data_error: str | None = None
     summary_error: str | None = None
     problems: list[str] = field(default_factory=list)  # section-level problems, for the caller
-    _fingerprint: str | None = field(default=None, repr=False)
 
     @property
     def root(self):
@@ -46,11 +45,8 @@ class RunFiles:
         position in that set (after files were added or removed it would name other images)."""
         if self.data is None:
             return False
-        if self._fingerprint is None:
-            from ..labeling import data_fingerprint
-
-            self._fingerprint = data_fingerprint(self.data.unlabeled)
-        return store.meta.get("identity", {}).get("data_fingerprint") == self._fingerprint
+        made_for = store.meta.get("identity", {}).get("data_fingerprint")
+        return made_for == self.data.fingerprints.get("unlabeled")
 
     def hidden_labels(self, store: Any) -> np.ndarray:
         """(N,) hidden labels of the images of a store's rows; -1 where unknown (no images

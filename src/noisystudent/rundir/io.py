@@ -53,9 +53,14 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
     the file. A SIGKILL can leave the temporary file behind: `RunDir.lock` removes those.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+    except OSError as e:  # a read-only folder, a file in the way, a full disk, ...
+        raise UserError(
+            f"cannot write '{path}': {_why(e)}; make its folder writable (or free space) and re-run"
+        ) from None
     tmp_path = Path(tmp)
     try:
         writer(tmp_path)
@@ -75,6 +80,14 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
             ) from None
         raise
     return path
+
+
+def _why(e: OSError) -> str:
+    """An OSError in words: "the disk is full", or its strerror and the file it names."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full"
+    what = e.strerror or str(e)
+    return f"{what} ('{e.filename}')" if e.filename else what
 
 
 def _disk_full(e: BaseException, folder: Path) -> bool:
@@ -195,25 +208,38 @@ def load_state(path: str | Path) -> dict[str, Any]:
 
 
 def append_line(path: str | Path, line: str) -> None:
-    """Append one line as ONE write (O_APPEND): a kill leaves the line whole or absent. A full
-    disk or a short write is a UserError naming the file (the line is then not recorded)."""
+    """Append one line with one write (O_APPEND): a kill leaves the line whole or absent. A
+    short write is continued; if the rest cannot be written (a full disk), the partial line is
+    cut off again and a UserError names the file (the line is then not recorded)."""
     data = (line.rstrip("\n") + "\n").encode()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            written = os.write(fd, data)
-        finally:
-            os.close(fd)
     except OSError as e:
-        what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
         raise UserError(
-            f"cannot append to '{path}': {what}; free space or fix the problem and re-run to resume"
+            f"cannot append to '{path}': {_why(e)}; free space or fix the problem and re-run to "
+            f"resume"
         ) from None
-    if written != len(data):
+    written = 0
+    try:
+        start = os.fstat(fd).st_size
+        while written < len(data):
+            n = os.write(fd, data[written:])
+            if n <= 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written += n
+    except OSError as e:
+        if written:  # drop the partial line, so the next append starts on a line of its own
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+        part = f" (only {written} of {len(data)} bytes were written)" if written else ""
         raise UserError(
-            f"cannot append to '{path}': only {written} of {len(data)} bytes were written (disk "
-            f"full?); free space and re-run to resume"
-        )
+            f"cannot append to '{path}': {_why(e)}{part}; free space or fix the problem and "
+            f"re-run to resume"
+        ) from None
+    finally:
+        os.close(fd)
 
 
 def read_lines_json(path: str | Path) -> tuple[list[dict[str, Any]], int]:

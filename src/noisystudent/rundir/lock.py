@@ -16,6 +16,26 @@ from .io import TMP_SUFFIX
 
 _HELD: dict[str, int] = {}  # resolved run dir -> fd of its lock file, held by this process
 
+# How long a lock whose recorded owner is dead (same host) is waited for: the descriptor can
+# still be open in a child the owner forked before it was killed.
+STALE_WAIT_S = 10.0
+
+
+def _forget_locks_in_child() -> None:
+    """After a fork, in the child: close its copies of the lock descriptors (never LOCK_UN,
+    which would release the parent's lock: both copies share one open file description). An
+    flock is released once every descriptor of its open file description is closed, so a
+    killed owner's forked children (DataLoader workers) no longer keep the directory locked."""
+    while _HELD:
+        try:
+            os.close(_HELD.popitem()[1])
+        except OSError:
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
 
 def release_locks() -> None:
     """Release every run-dir lock this process holds (the CLI does so when a command ends, so
@@ -43,13 +63,41 @@ def _read_owner(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _dead_owner(owner: dict[str, Any]) -> bool:
+    """The recorded owner is a process of this host that no longer runs."""
+    pid = owner.get("pid")
+    return (
+        isinstance(pid, int)
+        and owner.get("host") in (None, socket.gethostname())
+        and pid != os.getpid()
+        and not _pid_alive(pid)
+    )
+
+
+def _flock_when_free(fd: int, seconds: float) -> bool:
+    import fcntl
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+
 def take_lock(root: Path, lock_path: Path) -> None:
     """Take the directory for this process, or refuse with the owner's pid.
 
     The lock is an flock on `lock_path` (the kernel drops it when its process dies, however it
-    dies), and the file names the owner's pid and host for the message. A lock file left by a
-    dead process is taken over. Re-locking from the same process is a no-op. Under torchrun only
-    rank 0 writes to the run directory, so only it locks."""
+    dies), and the file names the owner's pid and host for the message. Children forked by the
+    owner do not hold it (`_forget_locks_in_child`); should it still be held while its recorded
+    owner is dead (same host: descriptors inherited some other way), it is waited for up to
+    STALE_WAIT_S. A lock file left by a dead process is taken over. Re-locking from the same
+    process is a no-op. Under torchrun only rank 0 writes to the run directory, so only it
+    locks."""
     if dist.rank() != 0:
         return
     key = str(root.resolve())
@@ -62,31 +110,49 @@ def take_lock(root: Path, lock_path: Path) -> None:
         os.close(_HELD.pop(key))
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        import fcntl
+        _flock_or_refuse(fd, root, lock_path)
+        owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)  # not taken (refused, or the lock file cannot be written)
+        raise
+    _HELD[key] = fd
 
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = _read_owner(lock_path)
-            os.close(fd)
-            raise UserError(
-                f"run directory '{root}' is in use by process {owner.get('pid', '?')} on "
-                f"{owner.get('host', '?')} (since {owner.get('since', '?')}); wait for it to "
-                f"finish or stop it, or use another run_dir"
-            ) from None
-        except OSError:  # a filesystem without flock: fall back to the pid in the file
-            _check_pid_owner(root, lock_path)
+
+def _flock_or_refuse(fd: int, root: Path, lock_path: Path) -> None:
+    try:
+        import fcntl
     except ImportError:  # no fcntl (Windows): the pid in the file
         _check_pid_owner(root, lock_path)
-    owner = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
-    os.fsync(fd)
-    _HELD[key] = fd
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not (_dead_owner(_read_owner(lock_path)) and _flock_when_free(fd, STALE_WAIT_S)):
+            raise UserError(_in_use(root, lock_path)) from None
+    except OSError:  # a filesystem without flock: fall back to the pid in the file
+        _check_pid_owner(root, lock_path)
+
+
+def _in_use(root: Path, lock_path: Path) -> str:
+    owner = _read_owner(lock_path)  # again: it may have changed hands while we waited
+    pid, host = owner.get("pid", "?"), owner.get("host", "?")
+    if _dead_owner(owner):
+        return (
+            f"run directory '{root}' is still locked by processes left by process {pid} on "
+            f"{host}, which is no longer running (e.g. its DataLoader workers); wait for them to "
+            f"exit or stop them (`fuser -v {lock_path}` lists them), then re-run"
+        )
+    return (
+        f"run directory '{root}' is in use by process {pid} on {host} (since "
+        f"{owner.get('since', '?')}); wait for it to finish or stop it, or use another run_dir"
+    )
 
 
 def _check_pid_owner(root: Path, lock_path: Path) -> None:

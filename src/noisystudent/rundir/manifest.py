@@ -1,6 +1,8 @@
-"""The manifest: per stage its status, the inputs it read and the outputs it wrote, each output
-with its size and sha256. A stage is done only while every output still verifies and every
-input is unchanged (`Manifest.done`), so a stage whose inputs changed runs again."""
+"""The manifest: per stage its status, the inputs it read (files with their sha256, image sets
+with their fingerprint, see fingerprints.py) and the outputs it wrote, each with its size and
+sha256. A stage is done only while every output still verifies and every input is unchanged
+(`Manifest.stale`), so a stage whose inputs changed runs again, and one whose outputs were
+damaged is re-made (its stage re-makes every output it records, never re-records one)."""
 
 from __future__ import annotations
 
@@ -61,12 +63,33 @@ class Manifest:
                 out.append(rel)
         return out
 
-    def done(self, name: str) -> bool:
-        """Done = marked done AND every output still there with its recorded size and sha256
-        AND every input it read unchanged since."""
+    def changed_data(self, name: str, data: dict[str, str]) -> list[str]:
+        """The image sets among `data` ({"data:<set>": fingerprint}, as now) whose fingerprint
+        differs from what stage `name` recorded (one recorded by a version that did not record
+        them counts as changed)."""
+        had = self.entry(name).get("data", {})
+        return [k.split(":", 1)[-1] for k, v in data.items() if had.get(k) != v]
+
+    def stale(self, name: str, data: dict[str, str] | None = None) -> str | None:
+        """Why stage `name`, marked done, must run again (one line), or None while it is done:
+        every output still there with its recorded size and sha256, every input file and every
+        image set in `data` unchanged since. Also None for a stage not marked done."""
         if self.entry(name).get("status") != "done":
-            return False
-        return not self.verify(name) and not self.stale_inputs(name)
+            return None
+        changed = self.changed_data(name, data or {})
+        if changed:
+            return f"{' and '.join(changed)} data changed since {name} ran"
+        files = self.stale_inputs(name)
+        if files:
+            return f"{files[0]} changed since {name} ran"
+        problems = self.verify(name)
+        if problems:
+            return f"{problems[0]}"
+        return None
+
+    def done(self, name: str, data: dict[str, str] | None = None) -> bool:
+        """Marked done and not stale (see `stale`)."""
+        return self.entry(name).get("status") == "done" and self.stale(name, data) is None
 
     def output_record(self, path: str | Path) -> dict[str, Any] | None:
         """The manifest's {size, sha256} for a file some stage wrote, or None."""
@@ -83,11 +106,13 @@ class Manifest:
         status: str,
         inputs: list[Path] | None = None,
         outputs: list[Path] | None = None,
+        data: dict[str, str] | None = None,
         **extra: Any,
     ) -> None:
         """Record a stage's status. With status "done", the outputs are written and fsynced
         already (atomic_write); their sizes and sha256 are recorded here, so a later check sees
-        any output that went missing or changed. Under torchrun only rank 0 writes it."""
+        any output that went missing or changed. `data`: the fingerprints of the image sets the
+        stage read ({"data:<set>": ...}). Under torchrun only rank 0 writes it."""
         if dist.rank() != 0:
             return
         m = self.read()
@@ -98,6 +123,8 @@ class Manifest:
             entry["input_sha256"] = {
                 self.rel(p): sha256_file(p) for p in inputs if Path(p).is_file()
             }
+        if data is not None:
+            entry["data"] = dict(data)
         if outputs is not None:
             recs = {}
             for p in outputs:
@@ -108,6 +135,23 @@ class Manifest:
             entry["outputs"] = recs
         m["stages"][name] = entry
         write_json(self.path, m)
+
+    def damaged_outputs(self, name: str) -> list[Path]:
+        """Recorded outputs of stage `name` that are missing or no longer match their size and
+        sha256: a stage that keeps some of its earlier outputs (pseudo-label shards) must
+        re-make these instead of keeping them."""
+        out = []
+        for rel, rec in self.entry(name).get("outputs", {}).items():
+            p = self.root / rel
+            if isinstance(rec, int):
+                rec = {"size": rec, "sha256": None}
+            if (
+                not p.is_file()
+                or p.stat().st_size != rec["size"]
+                or (rec["sha256"] is not None and sha256_file(p) != rec["sha256"])
+            ):
+                out.append(p)
+        return out
 
     def forget(self, name: str) -> bool:
         """Drop stage `name` from the manifest, so it runs again next time (its files stay until

@@ -14,12 +14,13 @@ from ..runtime import Runtime
 
 def evaluate_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime) -> dict[str, Any]:
     paths, name = run.it(i), run.it(i).stage("evaluate")
-    if run.stage_done(name):
+    reads = data.read("test")
+    if run.stage_done(name, reads):
         return read_eval(paths)
     model, _ = load_model(run, i, "model", cfg.models[i], data.classes)
     run.mark(name, "running")
     res = evaluate(model, data.test, data.size, cfg.eval_batch_size, rt, cfg.data.num_workers)
     write_json(paths.eval, res)
-    run.mark(name, "done", inputs=[paths.model], outputs=[paths.eval])
+    run.mark(name, "done", inputs=[paths.model], outputs=[paths.eval], data=reads)
     run.log(stage=name, event="eval", top1=res["top1"], top5=res["top5"])
     return res

@@ -27,22 +27,25 @@ def finetune_stage(cfg: Config, run: RunDir, i: int, rt: Runtime) -> dict[str, A
     """Fine-tune model i at cfg.finetune.image_size; returns its eval."""
     ft, src = cfg.finetune, run.it(i)
     out, name = src.finetune, src.stage("finetune")
-    if run.stage_done(name):
-        return read_eval(out)
     if ft.image_size is None or ft.image_size <= cfg.data.image_size:
         raise UserError(
             f"finetune.image_size must be larger than data.image_size ({cfg.data.image_size})"
         )
     hi = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=ft.image_size))
-    data = load_data(hi, run)
+    data = load_data(hi, run)  # decoded once at the new size (cached), also on a resume
+    reads = data.read("labeled", "test")
+    if run.stage_done(name, reads):
+        return read_eval(out)
     model, _ = load_model(run, i, "model", cfg.models[i], data.classes)
     frozen = freeze(model.net, ft.freeze_blocks)
     run.mark(name, "running", inputs=[src.model])
     tc = TrainConfig(epochs=ft.epochs, batch_size=ft.batch_size, lr=ft.lr, warmup_epochs=0.0,
                      weight_decay=cfg.student.weight_decay, randaugment=None)  # fmt: skip
     labeled = ViewDataset(data.labeled, data.size)  # unaugmented: the clean view at the new size
-    ident = {"model": cfg.models[i], "size": ft.image_size}
+    ident = {"model": cfg.models[i], "size": ft.image_size, "inputs": reads}
     ckpt = Checkpoint(out.checkpoint, ident, tc.checkpoint_every_steps, write=rt.is_main)
+    if rt.is_main and ckpt.discard_if_inputs_changed():
+        run.log(stage=name, event="restart", reason="images changed since the checkpoint")
     td = TrainData(labeled, torch.from_numpy(data.labeled.labels), workers=cfg.data.num_workers)
     res = train(model, td, tc, ckpt, run.logger(name), rt, cfg.seed, name)
     tcs = cfg.student if i > 0 else cfg.teacher
@@ -52,6 +55,6 @@ def finetune_stage(cfg: Config, run: RunDir, i: int, rt: Runtime) -> dict[str, A
     outputs = save_model(out, model, meta)
     ev = evaluate(model, data.test, data.size, cfg.eval_batch_size, rt, cfg.data.num_workers)
     write_json(out.eval, ev)
-    run.mark(name, "done", outputs=outputs + [out.eval], wall_s=round(res.wall_s, 2))
+    run.mark(name, "done", outputs=outputs + [out.eval], data=reads, wall_s=round(res.wall_s, 2))
     run.log(stage=name, event="eval", top1=ev["top1"], top5=ev["top5"], image_size=ft.image_size)
     return ev

@@ -11,7 +11,7 @@ from ..artifacts import load_model
 from ..config import Config
 from ..data import hidden_labels
 from ..inputs import Data
-from ..labeling import collect_shards, data_fingerprint, label_shards
+from ..labeling import collect_shards, label_shards
 from ..rundir import RunDir, sha256_file, write_json
 from ..runtime import Runtime
 from ..store import PseudoLabelStore, default_topk, shard_ranges, store_files, write_meta
@@ -19,16 +19,24 @@ from ..store import PseudoLabelStore, default_topk, shard_ranges, store_files, w
 
 def pseudo_label_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime) -> None:
     paths, name = run.it(i), run.it(i).stage("pseudo-label")
-    if run.stage_done(name):
+    reads = data.read("unlabeled")
+    if run.stage_done(name, reads):
         return
     model, meta = load_model(run, i, "teacher", cfg.models[i], data.classes)
+    if rt.is_main:
+        # shards are kept across a re-run when made for the same teacher and images; one whose
+        # bytes no longer match what this stage recorded is labeled again, never re-recorded
+        for p in run.manifest.damaged_outputs(name):
+            for f in (p, p.with_suffix(".safetensors"), p.with_suffix(".uids")):
+                f.unlink(missing_ok=True)  # a shard is its tensors and its uid listing
+    dist.barrier()
     run.mark(name, "running")
     p = cfg.pseudo
     c, n = len(data.classes), len(data.unlabeled)
     k = default_topk(c, p.topk)
     ident = {
         "teacher_sha256": sha256_file(paths.model),
-        "data_fingerprint": data_fingerprint(data.unlabeled),
+        "data_fingerprint": data.fingerprints["unlabeled"],
         "k": str(k),
         "temperature": str(p.temperature),
     }
@@ -53,6 +61,6 @@ def pseudo_label_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime
     correct = int((store.pred[known] == hidden[known]).sum())
     audit = {"audited": audited, "accuracy": 100.0 * correct / audited if audited else None}
     write_json(paths.audit, audit)
-    run.mark(name, "done", inputs=[paths.model],
+    run.mark(name, "done", inputs=[paths.model], data=reads,
              outputs=store_files(paths.pseudo, shards) + [paths.audit])  # fmt: skip
     run.log(stage=name, event="pseudo-label", count=len(store), audit_acc=audit["accuracy"])

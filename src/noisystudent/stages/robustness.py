@@ -120,7 +120,8 @@ def robustness_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime) 
     paths = run.it(i)
     name = paths.stage("robustness")
     options = _options_record(cfg)
-    if run.stage_done(name) and paths.robustness_results.is_file():
+    reads = data.read("test")
+    if run.stage_done(name, reads) and paths.robustness_results.is_file():
         old = read_json(paths.robustness_results)
         if old.get("options") == options:
             return old
@@ -154,7 +155,9 @@ def robustness_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime) 
         f"[iter {i}] robustness of {meta['name']} on {cache.meta['n']} test images "
         f"(table {cache.table}, seed {rc.seed}, reference {ref_label or ref_where})"
     )
-    run.mark(name, "running", inputs=[paths.model])
+    # the reference's results are an input too: its scores normalise this model's
+    inputs = [paths.model] + ([ref_where] if ref_where is not None and ref_where.is_file() else [])
+    run.mark(name, "running", inputs=inputs)
     t0 = time.time()
     res, pred = evaluate_suite(model, cache, suite_options(cfg), rt, ref, ref_pred, str(ref_where))
     if self_ref:
@@ -177,7 +180,8 @@ def robustness_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime) 
         {"pred": torch.from_numpy(pred), "labels": torch.from_numpy(cache.labels)},
     )
     write_json(paths.robustness_results, res)
-    run.mark(name, "done", outputs=[paths.robustness_results, paths.robustness_predictions])
+    run.mark(name, "done", outputs=[paths.robustness_results, paths.robustness_predictions],
+             data=reads)  # fmt: skip
     run.log(
         stage=name,
         event="robustness",

@@ -14,7 +14,19 @@ from ..errors import UserError
 from ..inputs import Data
 from ..rundir import RunDir, save_tensors, write_json
 from ..selection import class_counts, reference_select_stream, select_pseudo_labels
-from ..store import PseudoLabelStore
+from ..store import PseudoLabelStore, store_files
+
+
+def require_pseudo_labels(run: RunDir, data: Data, i: int) -> None:
+    """Model i's pseudo labels are read only while their stage is done: every shard as it was
+    recorded, made from the unlabeled images as they are now."""
+    stage = run.it(i).stage("pseudo-label")
+    if not run.manifest.done(stage, data.read("unlabeled")):
+        raise UserError(
+            f"the pseudo labels in '{run.it(i).pseudo}' are missing, changed since they were "
+            f"made, or were made from other unlabeled images; run `noisystudent pseudo-label "
+            f"--iteration {i}` (or `noisystudent run`) first"
+        )
 
 
 def select_rows(store: PseudoLabelStore, s, seed: int) -> torch.Tensor:
@@ -36,6 +48,7 @@ def select_stage(cfg: Config, run: RunDir, data: Data, i: int) -> dict[str, Any]
     paths, name = run.it(i), run.it(i).stage("select")
     if run.stage_done(name):
         return read_counts(run, i)
+    require_pseudo_labels(run, data, i)
     store = PseudoLabelStore.load(paths.pseudo)
     run.mark(name, "running")
     s, c = cfg.select, store.num_classes
@@ -74,7 +87,8 @@ def select_stage(cfg: Config, run: RunDir, data: Data, i: int) -> dict[str, Any]
     }
     save_tensors(paths.selected, {"rows": rows})
     write_json(paths.counts, counts)
-    run.mark(name, "done", inputs=[paths.pseudo_meta], outputs=[paths.selected, paths.counts])
+    run.mark(name, "done", inputs=store_files(paths.pseudo, store.meta["shards"]),
+             outputs=[paths.selected, paths.counts])  # fmt: skip
     run.log(stage=name, event="select", passed_filter_fraction=counts["passed_filter_fraction"],
             kept_unique_fraction=counts["kept_unique_fraction"], pseudo_label_acc=acc)  # fmt: skip
     return counts

@@ -10,15 +10,15 @@ from ..artifacts import load_model, model_meta, save_model
 from ..augment import ViewDataset, batch_train_view, train_transform
 from ..checkpoint import Checkpoint
 from ..config import Config, TrainConfig
-from ..engine import TrainData, train
+from ..engine import NonFinite, TrainData, train
 from ..errors import UserError
 from ..inputs import Data
-from ..labeling import data_fingerprint
 from ..losses import pseudo_targets
 from ..models import count_params, create_model
 from ..rundir import RunDir, load_tensors, sha256_file
 from ..runtime import Runtime
 from ..store import PseudoLabelStore
+from .select import require_pseudo_labels
 
 
 def train_view(tc: TrainConfig, data: Data, hflip: bool):
@@ -39,9 +39,10 @@ def selected_images(cfg: Config, run: RunDir, data: Data, i: int):
             f"no selected pseudo labels at '{prev.select_dir}'; run "
             f"`noisystudent select --iteration {i - 1}` first"
         )
+    require_pseudo_labels(run, data, i - 1)
     store = PseudoLabelStore.load(prev.pseudo)
     made_for = store.meta.get("identity", {}).get("data_fingerprint")
-    if made_for != data_fingerprint(data.unlabeled):
+    if made_for != data.fingerprints["unlabeled"]:
         raise UserError(
             f"the pseudo labels in '{prev.pseudo}' were made for other unlabeled images; the "
             f"unlabeled data changed since labeling - re-run pseudo-label"
@@ -71,9 +72,23 @@ def initial_weights(cfg: Config, run: RunDir, data: Data, i: int, model, log) ->
     return [run.it(i - 1).model]
 
 
+def _retry_hint(cfg: Config, i: int, tc: TrainConfig) -> str:
+    """How to train again with a smaller step: a run directory keeps the config its stages were
+    made with (open_run), so the retry gets its own."""
+    # a tenth of the rate, or the default recipe's when the rate was far above it
+    default = TrainConfig().lr
+    key, lr = ("teacher" if i == 0 else "student") + ".lr", f"{min(tc.lr / 10, default):g}"
+    return (
+        f"to retry with a lower learning rate, add `run_dir={cfg.run_dir}-lr{lr} {key}={lr}` "
+        f"to the command (a new run directory: this one keeps the config it was started with)"
+    )
+
+
 def train_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime) -> None:
     paths, name = run.it(i), run.it(i).stage("train")
-    if run.stage_done(name):
+    # the images it reads: the labeled set, and for a student the pseudo-labeled ones
+    reads = data.read("labeled") if i == 0 else data.read("labeled", "unlabeled")
+    if run.stage_done(name, reads):
         return
     log = run.logger(name)
     tc = cfg.teacher if i == 0 else cfg.student
@@ -88,10 +103,10 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime) -> No
         inputs += initial_weights(cfg, run, data, i, model, log)
     lab_ds = ViewDataset(data.labeled, data.size, aug)
     run.mark(name, "running", inputs=inputs)
-    # the checkpoint belongs to these inputs: one made from other pseudo labels (the teacher or
-    # the selection was re-run since) cannot be resumed, so training restarts
+    # the checkpoint belongs to these inputs: one made from other images or other pseudo labels
+    # (the data, the teacher or the selection changed since) cannot be resumed: training restarts
     ident = {"model": cfg.models[i], "classes": data.classes,
-             "inputs": {run.manifest.rel(p): sha256_file(p) for p in inputs}}  # fmt: skip
+             "inputs": {**{run.manifest.rel(p): sha256_file(p) for p in inputs}, **reads}}  # fmt: skip
     ckpt = Checkpoint(paths.checkpoint, ident, tc.checkpoint_every_steps, write=rt.is_main)
     if ckpt.discard_if_inputs_changed():
         log(event="restart", reason="inputs changed since the checkpoint")
@@ -104,7 +119,10 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime) -> No
         )
     labels = torch.from_numpy(data.labeled.labels)
     td = TrainData(lab_ds, labels, unl_ds, targets, batch_aug, cfg.data.num_workers)
-    res = train(model, td, tc, ckpt, log, rt, cfg.seed, name)
+    try:
+        res = train(model, td, tc, ckpt, log, rt, cfg.seed, name)
+    except NonFinite as e:
+        raise UserError(f"{e}; {_retry_hint(cfg, i, tc)}") from None
     if not rt.is_main:  # under torchrun rank 0 writes the model (all ranks hold the same)
         return
     if res.ema is not None:  # the EMA weights are the model: evaluated, and labeling as teacher
@@ -112,5 +130,5 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime) -> No
     meta = model_meta(cfg.models[i], i, data.classes, data.size, model, tc.drop_rate,
                       tc.drop_path_rate)  # fmt: skip
     outputs = save_model(paths, model, meta)
-    run.mark(name, "done", outputs=outputs, wall_s=round(res.wall_s, 2))
+    run.mark(name, "done", outputs=outputs, data=reads, wall_s=round(res.wall_s, 2))
     log(event="done", wall_s=res.wall_s, final_loss=res.final_loss)
