@@ -260,3 +260,17 @@ def test_full_disk_appending_metrics_in_every_stage(capsys, cfg, tiny_data, tmp_
     assert {"iter0/train", "iter0/evaluate", "iter0/pseudo-label", "iter0/select",
             "iter1/train", "iter1/evaluate"} <= failed  # fmt: skip
     assert read_lines_json(metrics)[1] == 0
+
+
+def test_a_stage_command_reports_a_mistyped_later_model(tiny_data, tmp_path, capsys):
+    """train-teacher builds models[0] only, yet a typo in models[1] is reported at once, not
+    after the teacher has trained."""
+    from .conftest import tiny_overrides
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("device: cpu\n")
+    over = tiny_overrides(tiny_data, tmp_path / "run", "[cifar_resnet8,cifar_resnt14]")
+    assert main(["train-teacher", str(cfg), *over]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "models[1]" in err and "'cifar_resnet14'" in err
+    assert not (tmp_path / "run").exists()

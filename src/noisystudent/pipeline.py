@@ -19,7 +19,7 @@ from .artifacts import read_model_meta, write_summary
 from .config import Config
 from .errors import UserError
 from .inputs import Data, load_data
-from .models import check_student_sizes
+from .models import check_student_sizes, is_known_model, unknown_model_message
 from .robustness.table import format_table as robustness_table
 from .robustness.table import one_line
 from .rundir import RunDir, open_run, read_json
@@ -140,6 +140,9 @@ def run_stage(cmd: str, cfg: Config, i: int) -> None:
         raise UserError(f"--iteration {i} is outside models[0..{len(cfg.models) - 1}]")
     if cmd == "train-student" and i < 1:
         raise UserError("train-student needs --iteration >= 1 (iteration 0 is the teacher)")
+    for k, name in enumerate(cfg.models):  # a typo in any of them is reported by every command
+        if not is_known_model(name):
+            raise UserError(unknown_model_message(name, f"models[{k}]"))
     rt = from_config(cfg)
     try:
         run = open_run(cfg)

@@ -21,6 +21,6 @@ def evaluate_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime) ->
     run.mark(name, "running")
     res = evaluate(model, data.test, data.size, cfg.eval_batch_size, rt, cfg.data.num_workers)
     write_json(paths.eval, res)
-    run.mark(name, "done", inputs=[paths.model], outputs=[paths.eval], data=reads)
     run.log(stage=name, event="eval", top1=res["top1"], top5=res["top5"])
+    run.mark(name, "done", inputs=[paths.model], outputs=[paths.eval], data=reads)
     return res

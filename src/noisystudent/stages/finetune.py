@@ -55,6 +55,6 @@ def finetune_stage(cfg: Config, run: RunDir, i: int, rt: Runtime) -> dict[str, A
     outputs = save_model(out, model, meta)
     ev = evaluate(model, data.test, data.size, cfg.eval_batch_size, rt, cfg.data.num_workers)
     write_json(out.eval, ev)
-    run.mark(name, "done", outputs=outputs + [out.eval], data=reads, wall_s=round(res.wall_s, 2))
     run.log(stage=name, event="eval", top1=ev["top1"], top5=ev["top5"], image_size=ft.image_size)
+    run.mark(name, "done", outputs=outputs + [out.eval], data=reads, wall_s=round(res.wall_s, 2))
     return ev

@@ -61,6 +61,6 @@ def pseudo_label_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime
     correct = int((store.pred[known] == hidden[known]).sum())
     audit = {"audited": audited, "accuracy": 100.0 * correct / audited if audited else None}
     write_json(paths.audit, audit)
+    run.log(stage=name, event="pseudo-label", count=len(store), audit_acc=audit["accuracy"])
     run.mark(name, "done", inputs=[paths.model], data=reads,
              outputs=store_files(paths.pseudo, shards) + [paths.audit])  # fmt: skip
-    run.log(stage=name, event="pseudo-label", count=len(store), audit_acc=audit["accuracy"])

@@ -180,8 +180,6 @@ def robustness_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime) 
         {"pred": torch.from_numpy(pred), "labels": torch.from_numpy(cache.labels)},
     )
     write_json(paths.robustness_results, res)
-    run.mark(name, "done", outputs=[paths.robustness_results, paths.robustness_predictions],
-             data=reads)  # fmt: skip
     run.log(
         stage=name,
         event="robustness",
@@ -190,6 +188,8 @@ def robustness_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime) 
         mfr=res["mfr"],
         unnormalized_ce=res["unnormalized_ce"],
     )
+    run.mark(name, "done", outputs=[paths.robustness_results, paths.robustness_predictions],
+             data=reads)  # fmt: skip
     return res
 
 

@@ -87,8 +87,8 @@ def select_stage(cfg: Config, run: RunDir, data: Data, i: int) -> dict[str, Any]
     }
     save_tensors(paths.selected, {"rows": rows})
     write_json(paths.counts, counts)
-    run.mark(name, "done", inputs=store_files(paths.pseudo, store.meta["shards"]),
-             outputs=[paths.selected, paths.counts])  # fmt: skip
     run.log(stage=name, event="select", passed_filter_fraction=counts["passed_filter_fraction"],
             kept_unique_fraction=counts["kept_unique_fraction"], pseudo_label_acc=acc)  # fmt: skip
+    run.mark(name, "done", inputs=store_files(paths.pseudo, store.meta["shards"]),
+             outputs=[paths.selected, paths.counts])  # fmt: skip
     return counts

@@ -130,5 +130,5 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime) -> No
     meta = model_meta(cfg.models[i], i, data.classes, data.size, model, tc.drop_rate,
                       tc.drop_path_rate)  # fmt: skip
     outputs = save_model(paths, model, meta)
-    run.mark(name, "done", outputs=outputs, data=reads, wall_s=round(res.wall_s, 2))
     log(event="done", wall_s=res.wall_s, final_loss=res.final_loss)
+    run.mark(name, "done", outputs=outputs, data=reads, wall_s=round(res.wall_s, 2))
