@@ -222,3 +222,25 @@ def test_student_init_teacher_needs_the_same_architecture(tiny_data, tmp_path, c
     err = capsys.readouterr().err
     assert "student.init=teacher needs the same architecture" in err and "cifar_resnet14" in err
     assert "student.init=auto" in err and not RunLayout(run_dir).it(0).model.exists()
+
+
+def test_stage_commands_print_what_they_made(tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    cfg = str(_write_cfg(tmp_path))
+    over = tiny_overrides(tiny_data, run_dir)
+    run = RunDir(run_dir)
+    assert main(["train-teacher", cfg, *over]) == 0
+    out = capsys.readouterr().out
+    assert "[iter 0] cifar_resnet8 (" in out and "trained in " in out
+    assert f": {run.it(0).model};" in out and "noisystudent evaluate --iteration 0" in out
+    assert main(["pseudo-label", cfg, *over]) == 0
+    out = capsys.readouterr().out
+    audit = read_json(run.it(0).audit)
+    assert f"[iter 0] pseudo labels of 60 unlabeled images: {run.it(0).pseudo}" in out
+    assert f"(accuracy {audit['accuracy']:.2f}% on the 60 with a known label)" in out
+    assert main(["select", cfg, *over]) == 0
+    counts = read_counts(run, 0)
+    assert f"{counts['passed_filter']}/60 passed the filter" in capsys.readouterr().out
+    assert main(["evaluate", cfg, *over]) == 0
+    top1 = read_eval(run.it(0))["top1"]
+    assert f"cifar_resnet8: test top-1 {top1:.2f}%" in capsys.readouterr().out
