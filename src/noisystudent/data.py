@@ -445,6 +445,8 @@ def split_dataset(src: str | Path, out: str | Path, labels_per_class: int, seed:
 def load_set(spec: str | Path, what: str, classes: list[str] | None = None) -> ImageSet:
     """A class-folder dir, an index file, or (unlabeled only) any folder of images."""
     p = Path(spec)
+    if what == "unlabeled" and p.is_file() and is_tar(p):  # one tar archive of images
+        return scan_unlabeled(p, classes or [])
     if p.suffix == ".tsv" or p.is_file():
         s = read_index(p, what)
         if classes is not None and s.classes != classes:
@@ -479,7 +481,7 @@ def check_classes(s: ImageSet, spec: str | Path, what: str) -> None:
         )
 
 
-def _uid_strings(s: ImageSet) -> Iterator[str]:
+def uid_strings(s: ImageSet) -> Iterator[str]:
     """The uids of a set, streamed; an index file's are sliced from one mapping of the file
     instead of one read per uid."""
     u = s.uids
@@ -505,10 +507,10 @@ def overlap(a: ImageSet, b: ImageSet) -> int:
     small, big = (a, b) if len(a) <= len(b) else (b, a)
     ps, pb = ("" if x.root == str(outer) else f"{Path(str(x.root)).relative_to(outer).as_posix()}/"
               for x in (small, big))  # fmt: skip
-    keys = {ps + u for u in _uid_strings(small)} if ps else set(_uid_strings(small))
+    keys = {ps + u for u in uid_strings(small)} if ps else set(uid_strings(small))
     if pb:
-        return sum(1 for u in _uid_strings(big) if pb + u in keys)
-    return sum(1 for u in _uid_strings(big) if u in keys)
+        return sum(1 for u in uid_strings(big) if pb + u in keys)
+    return sum(1 for u in uid_strings(big) if u in keys)
 
 
 _warned: set[str] = set()
@@ -560,9 +562,12 @@ def check_sets(sets: dict[str, ImageSet], specs: dict[str, str]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # uint8 decode cache
-def fingerprint(s: ImageSet, size: int) -> str:
-    """Identity of a file-backed set at a resolution: uids, sizes and mtimes of its files."""
+def fingerprint(s: ImageSet, size: int, identity: str | None = None) -> str:
+    """Identity of a file-backed set at a resolution: uids, sizes and mtimes of its files, and
+    `identity` when given (a content fingerprint, which sees edits that keep size and mtime)."""
     h = hashlib.sha1(f"v1|{size}|".encode())
+    if identity is not None:
+        h.update(f"id{identity}|".encode())
     if s.max_pixels != PIL_MAX_PIXELS:  # another limit may keep other files (default: as before)
         h.update(f"px{s.max_pixels}|".encode())
     assert s.paths is not None
@@ -582,6 +587,7 @@ def decode_to_array(
     what: str,
     skip_bad: bool,
     progress: bool = False,
+    identity: str | None = None,
 ) -> ImageSet:
     """Decode every image once to the eval view at `size` and cache it as uint8 (N, size, size, 3).
 
@@ -590,7 +596,7 @@ def decode_to_array(
     """
     if s.array is not None:
         return s
-    fp = fingerprint(s, size)
+    fp = fingerprint(s, size, identity)
     cache = Path(cache_dir) / f"{what}-{fp}.npz" if cache_dir else None
     if cache is not None and cache.is_file():
         try:

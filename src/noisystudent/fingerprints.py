@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import ImageSet
+from .data import ImageSet, IndexColumn, uid_strings
 
 MODES = ("listing", "content")
 _CHUNK = 1 << 20
@@ -49,7 +49,7 @@ def set_fingerprint(s: ImageSet, source: str | Path | None, mode: str = "listing
         h.update(np.ascontiguousarray(s.array).tobytes())
         return f"{mode}:{h.hexdigest()}"
     seen: dict[str, str] = {}  # a tar archive's members share its file: one stat / hash each
-    for uid, p in zip(s.uids, s.paths or [], strict=True):
+    for uid, p in _entries(s):
         f = os.fspath(p)
         rec = seen.get(f)
         if rec is None:
@@ -65,3 +65,16 @@ def set_fingerprint(s: ImageSet, source: str | Path | None, mode: str = "listing
                 seen[f] = rec
         h.update(f"{uid}|{rec}\n".encode())
     return f"{mode}:{h.hexdigest()}"
+
+
+def _entries(s: ImageSet):
+    """(uid, path) of every image. An index file's are sliced from one mapping of the file and
+    joined to its root as strings: reading them back line by line (IndexColumn's random access)
+    would cost more than the stat itself."""
+    paths = s.paths
+    if isinstance(paths, IndexColumn) and paths.root is not None:
+        root = os.fspath(paths.root)
+        for u in uid_strings(s):
+            yield u, os.path.join(root, u)
+        return
+    yield from zip(s.uids, paths or [], strict=True)

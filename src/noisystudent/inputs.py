@@ -100,7 +100,10 @@ def load_data(cfg: Config, run: RunDir) -> Data:
         if small:
             cache = run.paths.decode_cache(d.cache_dir)
             try:
-                s = decode_to_array(s, size, cache, what, skip_bad=log.skip, progress=cfg.progress)
+                # content mode: the cache is keyed by the files' bytes too, like the stages
+                ident = fps[what] if d.fingerprint == "content" else None
+                s = decode_to_array(s, size, cache, what, skip_bad=log.skip, progress=cfg.progress,
+                                    identity=ident)  # fmt: skip
             except BadImage as e:
                 raise UserError(
                     f"{e} ({what} data); fix or remove the file, or set {log.option}=skip to "
