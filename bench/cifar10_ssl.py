@@ -22,7 +22,7 @@ numbers come from the code path users run. Rows:
                                        ratio3 (the recipe is ratio 1)
 
 Writes bench/results/cifar10_4k.json (`rows`: name, test_top1 %, pseudo_label_acc,
-kept_fraction, wall_s) and bench/results/cifar10_4k.md, and prints the table. `--ratio R`
+kept_unique_fraction, wall_s) and bench/results/cifar10_4k.md, and prints the table. `--ratio R`
 reruns the recipe at another unlabeled:labeled ratio (epochs scaled so that the students see
 as many images; the control and upper bound matched to that batch) into its own work folder
 and bench/results/cifar10_4k_ratio<R>.{json,md}; the ablations compare with the default.
@@ -56,11 +56,15 @@ from pathlib import Path
 
 import yaml
 
-from noisystudent.engine import cpu_model
+from noisystudent.artifacts import read_counts, read_summary
+from noisystudent.rundir import Manifest, RunDir, RunLayout
+from noisystudent.runtime import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 DEFAULT_CACHE = Path.home() / ".cache" / "noisystudent" / "cifar10"
+# the CIFAR archive's class-folder sets (dataset folders, not run-directory ones)
+TRAIN, TEST = "train", "test"
 
 # Sized for a 2-core CPU with bf16 (AMX) and torch.compile for long runs (about 45 minutes for
 # the main rows). Teacher < student1 < student2. Noise scaled to these tiny models, as the paper
@@ -103,36 +107,36 @@ def merge(a: dict, b: dict) -> dict:
 def prepare(tar: Path, cache: Path, quick: bool, per_class: int = PER_CLASS) -> dict[str, Path]:
     """Extract the JPEG class folders once, then split `per_class` labels per class with the
     CLI (folders split4k and quick for the protocol's 400, split<N>pc and quick<N>pc else)."""
-    if not (cache / "train").is_dir():
+    if not (cache / TRAIN).is_dir():
         if not tar.is_file():
             sys.exit(f"cifar10_ssl: data archive '{tar}' not found; pass --data")
         cache.mkdir(parents=True, exist_ok=True)
         with tarfile.open(tar) as tf:
             tf.extractall(cache, filter="data")
-        inner = [d for d in cache.iterdir() if d.is_dir() and (d / "train").is_dir()]
+        inner = [d for d in cache.iterdir() if d.is_dir() and (d / TRAIN).is_dir()]
         for d in inner:  # archive with a top folder: lift train/ and test/
-            for sub in ("train", "test"):
+            for sub in (TRAIN, TEST):
                 shutil.move(str(d / sub), cache / sub)
     suffix = "" if per_class == PER_CLASS else f"{per_class}pc"
     split = cache / (f"split{per_class}pc" if suffix else "split4k")
     if not (split / "labeled.tsv").is_file():
-        cli("split", str(cache / "train"), str(split), "--labels-per-class", str(per_class),
+        cli("split", str(cache / TRAIN), str(split), "--labels-per-class", str(per_class),
             "--seed", "0")  # fmt: skip
     paths = {"labeled": split / "labeled.tsv", "unlabeled": split / "unlabeled.tsv",
-             "test": cache / "test", "all": cache / "train"}  # fmt: skip
+             "test": cache / TEST, "all": cache / TRAIN}  # fmt: skip
     if quick:  # a fixed small unlabeled subset and test subset (first lines / files)
         q = cache / f"quick{suffix}"
         if not (q / "unlabeled.tsv").is_file():
             q.mkdir(parents=True, exist_ok=True)
             lines = (split / "unlabeled.tsv").read_text().splitlines()
             (q / "unlabeled.tsv").write_text("\n".join(lines[:3] + lines[3::46]) + "\n")
-            for c in sorted(p.name for p in (cache / "test").iterdir()):
-                (q / "test" / c).mkdir(parents=True, exist_ok=True)
-                for f in sorted((cache / "test" / c).iterdir())[:200]:
-                    dst = q / "test" / c / f.name
+            for c in sorted(p.name for p in (cache / TEST).iterdir()):
+                (q / TEST / c).mkdir(parents=True, exist_ok=True)
+                for f in sorted((cache / TEST / c).iterdir())[:200]:
+                    dst = q / TEST / c / f.name
                     if not dst.exists():
-                        os.symlink(f, dst)
-        paths.update(unlabeled=q / "unlabeled.tsv", test=q / "test")
+                        os.symlink(f.resolve(), dst)  # also with a relative --cache
+        paths.update(unlabeled=q / "unlabeled.tsv", test=q / TEST)
     return paths
 
 
@@ -140,25 +144,41 @@ def cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "noisystudent", *args], check=True)
 
 
-def run(name: str, cfg: dict, out: Path) -> tuple[dict, float]:
+def run_dir(work: Path, name: str) -> Path:
+    """The run directory of row `name`: <work>/<name>/run, beside its config <name>/bench.yaml."""
+    return work / name / "run"
+
+
+def run(name: str, cfg: dict, work: Path) -> tuple[dict, float]:
     """`noisystudent run` on a config; returns (summary, wall seconds). Resumes when re-run."""
-    d = out / name
+    d = work / name
     d.mkdir(parents=True, exist_ok=True)
-    (d / "bench.yaml").write_text(yaml.safe_dump(merge(cfg, {"run_dir": str(d / "run")})))
+    (d / "bench.yaml").write_text(yaml.safe_dump(merge(cfg, {"run_dir": str(run_dir(work, name))})))
     t0 = time.time()
     cli("run", str(d / "bench.yaml"))
-    return json.loads((d / "run" / "summary.json").read_text()), time.time() - t0
+    return read_summary(RunDir(run_dir(work, name))), time.time() - t0
 
 
 def row(name: str, it: dict, wall: float) -> dict:
     return {"name": name, "model": it["model"], "test_top1": it["test_top1"],
-            "pseudo_label_acc": it.get("pseudo_label_acc"), "kept_fraction": it.get("kept_fraction"),
+            "pseudo_label_acc": it.get("pseudo_label_acc"),
+            "kept_unique_fraction": it.get("kept_unique_fraction"),
             "wall_s": round(wall if it.get("wall_s") is None else it["wall_s"], 1)}  # fmt: skip
 
 
-def student_steps(summary_dir: Path, cfg: dict, i: int) -> int:
-    """Training steps of student i (its selected rows / unlabeled batch x epochs)."""
-    counts = json.loads((summary_dir / f"iter{i - 1}" / "select" / "counts.json").read_text())
+def old_row(r: dict) -> dict:
+    """A row of a file written before the redesign, whose `kept_fraction` was this
+    `kept_unique_fraction` (counts.json's field was renamed)."""
+    if "kept_fraction" in r and "kept_unique_fraction" not in r:
+        r = dict(r)
+        r["kept_unique_fraction"] = r.pop("kept_fraction")
+    return r
+
+
+def student_steps(root: Path, cfg: dict, i: int) -> int:
+    """Training steps of student i of run directory `root` (its selected rows / unlabeled batch
+    x epochs)."""
+    counts = read_counts(RunDir(root), i - 1)
     s = cfg["student"]
     return max(1, counts["selected_rows"] // (s["batch_size"] * s["ratio"])) * s["epochs"]
 
@@ -187,19 +207,27 @@ def ratio_epochs(s: dict, ratio: int) -> int:
 
 
 def reuse_teacher(src: Path, dst: Path, keep_select: bool = True) -> None:
-    """Start an ablation from the main run's iteration-0 teacher, pseudo labels and selection."""
-    if (dst / "run" / "manifest.json").is_file():
+    """Start an ablation from the main run's iteration-0 teacher, pseudo labels and selection:
+    iteration 0 of run directory `src` (without its training checkpoint) and its manifest are
+    copied into run directory `dst`, and every other stage is forgotten there, so
+    `noisystudent run` reuses the teacher and redoes the rest."""
+    old, new = RunLayout(src), RunLayout(dst)
+    if new.manifest.is_file():
         return
-    (dst / "run").mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src / "iter0", dst / "run" / "iter0", ignore=shutil.ignore_patterns("train"))
-    m = json.loads((src / "manifest.json").read_text())
-    keep = {"iter0/train", "iter0/evaluate", "iter0/pseudo-label"} | (
-        {"iter0/select"} if keep_select else set()
-    )
-    m["stages"] = {k: v for k, v in m["stages"].items() if k in keep}
-    (dst / "run" / "manifest.json").write_text(json.dumps(m))
+    new.root.mkdir(parents=True, exist_ok=True)
+    it = old.it(0)
+    shutil.copytree(it.dir, new.it(0).dir, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(it.train_dir.name))  # fmt: skip
+    shutil.copyfile(old.manifest, new.manifest)
+    keep = {it.stage("train"), it.stage("evaluate"), it.stage("pseudo-label")}
+    if keep_select:
+        keep.add(it.stage("select"))
+    manifest = Manifest(new.root, new.manifest)
+    for name in list(manifest.read()["stages"]):
+        if name not in keep:
+            manifest.forget(name)
     if not keep_select:
-        shutil.rmtree(dst / "run" / "iter0" / "select", ignore_errors=True)
+        shutil.rmtree(new.it(0).select_dir, ignore_errors=True)
 
 
 def targets(rows: list[dict]) -> dict:
@@ -241,7 +269,7 @@ def write(rows: list[dict], args: argparse.Namespace, t_all: float) -> None:
     if prev.is_file():  # `--rows main` then `--rows ablations`: keep the other command's rows
         old = json.loads(prev.read_text())
         mine = {r["name"] for r in rows}
-        rows = [r for r in old.get("rows", []) if r["name"] not in mine] + rows
+        rows = [old_row(r) for r in old.get("rows", []) if r["name"] not in mine] + rows
         order = [
             "teacher",
             "supervised_control",
@@ -258,13 +286,13 @@ def write(rows: list[dict], args: argparse.Namespace, t_all: float) -> None:
     result.update(targets(rows))
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     table = [
-        "| row | model | test top-1 | pseudo-label acc | kept | wall s |",
+        "| row | model | test top-1 | pseudo-label acc | kept unique | wall s |",
         "|---|---|---:|---:|---:|---:|",
     ]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         table.append(f"| {r['name']} | {r['model']} | {fmt(r['test_top1'], '.2f')}% | "
-                     f"{fmt(r['pseudo_label_acc'], '.2f')} | {fmt(r['kept_fraction'], '.3f')} | {r['wall_s']} |")  # fmt: skip
+                     f"{fmt(r['pseudo_label_acc'], '.2f')} | {fmt(r['kept_unique_fraction'], '.3f')} | {r['wall_s']} |")  # fmt: skip
     (args.out / f"{name}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
@@ -363,7 +391,7 @@ def main() -> None:
     models = args.models
     iters = ["teacher"] + [f"ns_iter{i}" for i in range(1, len(models))]
     ns, wall = run("ns", merge(cfg, {"models": models}), work)
-    ns_dir = work / "ns" / "run"
+    ns_dir = run_dir(work, "ns")
     for it, name in zip(ns["iterations"], iters, strict=False):
         add(name, it, wall)
     if args.rows in ("main", "all"):
@@ -373,7 +401,8 @@ def main() -> None:
         add("supervised_control", ctrl["iterations"][0], w)
         if args.teacher_from_control:  # the best supervised model at this budget as the teacher
             m = models[-1]
-            reuse_teacher(work / "supervised_control" / "run", work / "ns_from_control", False)
+            src = run_dir(work, "supervised_control")
+            reuse_teacher(src, run_dir(work, "ns_from_control"), False)
             c = merge(cfg, {"models": [m, m], "teacher": ctrl_cfg["teacher"]})
             if args.quick:  # a smoke control trains a step or two: its confidences stay ~1/C
                 c = merge(c, {"select": {"threshold": 0.0}})
@@ -405,7 +434,7 @@ def main() -> None:
         }  # fmt: skip
         for what, spec in ablations.items():
             c, keep = spec if isinstance(spec, tuple) else (spec, True)
-            reuse_teacher(ns_dir, work / f"ablation_{what}", keep_select=keep)
+            reuse_teacher(ns_dir, run_dir(work, f"ablation_{what}"), keep_select=keep)
             s, w = run(f"ablation_{what}", c, work)
             add(f"ablation_{what}", s["iterations"][-1], w)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from noisystudent.engine import cpu_model
 from noisystudent.models import create_model
+from noisystudent.runtime import cpu_model
 
 
 def speed(name: str, channels_last: bool, bf16: bool, steps: int) -> dict[str, float]:

@@ -2,8 +2,9 @@
 
 Trains a teacher and one student through the project's own pipeline (`pipeline.run_pipeline`,
 the same code as `noisystudent run`) on CIFAR-10 with 400 labels per class, then evaluates both
-with the robustness suite on a seeded subset of the test set, normalising mCE and mFR by the
-teacher (iteration 0). Writes bench/results/robustness_cifar10.json and prints the table.
+with the robustness suite (`pipeline.run_robustness`, the code of `noisystudent robustness`) on
+a seeded subset of the test set, normalising mCE and mFR by the teacher (iteration 0). Writes
+bench/results/robustness_cifar10.json and prints the table.
 
     # data: extract /work/shared/data/cifar10-jpg.tar.gz outside the repository
     mkdir -p ~/.cache/noisystudent/cifar10
@@ -28,12 +29,14 @@ from pathlib import Path
 import torch
 
 from noisystudent.config import load_config
-from noisystudent.pipeline import open_run, run_pipeline
-from noisystudent.robustness.stage import RESULTS, format_table, robustness_stage
-from noisystudent.stages import load_data
+from noisystudent.pipeline import run_pipeline, run_robustness
+from noisystudent.robustness.table import format_table
+from noisystudent.rundir import RunLayout
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "noisystudent"
+# the CIFAR archive's class-folder sets (dataset folders, not run-directory ones)
+TRAIN, TEST = "train", "test"
 
 # Quick budget: 15 teacher epochs on 4k labels (930 steps), one student iteration of 12 epochs
 # over 8k balanced pseudo-labeled images (800 per class; 492 steps of 64 labeled + 192
@@ -88,7 +91,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     t_start = time.time()
     data = Path(args.data).expanduser()
-    if not (data / "train").is_dir() or not (data / "test").is_dir():
+    if not (data / TRAIN).is_dir() or not (data / TEST).is_dir():
         print(
             f"error: '{data}' must hold train/ and test/ class folders; extract "
             "/work/shared/data/cifar10-jpg.tar.gz there",
@@ -97,11 +100,12 @@ def main() -> int:
         return 2
     split = CACHE / "cifar10-4k"
     if not (split / "labeled.tsv").is_file():
-        cmd = [sys.executable, "-m", "noisystudent", "split", str(data / "train"), str(split)]
+        cmd = [sys.executable, "-m", "noisystudent", "split", str(data / TRAIN), str(split)]
         subprocess.run(cmd + ["--labels-per-class", "400", "--seed", "0"], check=True)
 
     run_dir = Path(args.run_dir).expanduser()
-    if (run_dir / "config.yaml").is_file():
+    layout = RunLayout(run_dir)
+    if layout.config.is_file():
         cfg = load_config(run_dir)
         print(f"reusing run directory {run_dir} (its config.yaml)")
     else:
@@ -110,7 +114,7 @@ def main() -> int:
         base["data"].update(
             labeled=str(split / "labeled.tsv"),
             unlabeled=str(split / "unlabeled.tsv"),
-            test=str(data / "test"),
+            test=str(data / TEST),
             cache_dir=str(Path(args.cache_dir).expanduser()),
         )
         cfg = load_config(None, None, base=base)
@@ -124,11 +128,9 @@ def main() -> int:
     summary = run_pipeline(cfg)
     t_train = time.time() - t0
 
-    run = open_run(cfg)
-    d = load_data(cfg, run)
     last = len(cfg.models) - 1
     t0 = time.time()
-    res = {i: robustness_stage(cfg, run, d, i) for i in (0, last)}
+    res = dict(zip((0, last), run_robustness(cfg, [0, last]), strict=True))
     t_rob = time.time() - t0
 
     rows = [("teacher (iter 0)", res[0]), (f"student (iter {last})", res[last])]
@@ -176,7 +178,7 @@ def main() -> int:
             "total_this_call": round(time.time() - t_start, 1),
         },
         "table": table,
-        "results_files": [str(run.iter_dir(i) / "robustness" / RESULTS) for i in (0, last)],
+        "results_files": [str(layout.it(i).robustness_results) for i in (0, last)],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

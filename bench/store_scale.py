@@ -5,9 +5,11 @@
 For each size it writes a synthetic store (C classes, default top-k) with the project's own
 shard writer (`store.write_shard` per shard, then `store.write_meta`: the path pseudo-labeling
 takes), then, in a fresh subprocess per size (so peak RSS is that of the selection alone),
-runs the project's streaming reference selection (`selection.reference_select_stream` over
-`PseudoLabelStore.iter_chunks`: a histogram pass and a selection pass) and writes the selected
-rows to disk. Writes bench/results/store_scale.json and prints it.
+runs the select stage's selection with `select.mode: reference` (`stages.select.select_rows`:
+the streaming `selection.reference_select_stream` over `PseudoLabelStore.iter_chunks`, a
+histogram pass and a selection pass) and writes the selected rows as the stage does. Peak RSS
+is the child's VmHWM (not ru_maxrss, which on Linux carries the parent's peak over into a
+child started by vfork + exec). Writes bench/results/store_scale.json and prints it.
 """
 
 from __future__ import annotations
@@ -15,16 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from noisystudent.errors import UserError
+from noisystudent.rundir.layout import SHARD_PREFIX, STORE_META
 from noisystudent.store import PseudoLabelStore, default_topk, shard_ranges, write_meta, write_shard
 
 ROOT = Path(__file__).resolve().parent
@@ -33,16 +34,17 @@ ROOT = Path(__file__).resolve().parent
 def make_store(root: Path, n: int, c: int, seed: int = 0, shard: int = 1 << 20) -> float:
     """Synthetic teacher outputs written with the project's shard writer: top-k probabilities
     (a peaked, randomly tempered distribution) over distinct classes with a skewed class prior."""
-    if (root / "meta.json").is_file():
+    if (root / STORE_META).is_file():
         try:
             PseudoLabelStore.load(root)
             return 0.0  # cached from an earlier run
         except UserError:  # an older store version: rebuilt below (same shard names)
-            (root / "meta.json").unlink()
+            (root / STORE_META).unlink()
     t0 = time.time()
     root.mkdir(parents=True, exist_ok=True)
     k = default_topk(c, None)
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # Dirichlet.sample takes no generator: the global one, seeded
     prior = torch.distributions.Dirichlet(torch.full((c,), 0.5)).sample()
     shards = []
     for j, (a, b) in enumerate(shard_ranges(n, shard)):
@@ -59,25 +61,32 @@ def make_store(root: Path, n: int, c: int, seed: int = 0, shard: int = 1 << 20) 
     return time.time() - t0
 
 
+def _vm_hwm_mb() -> float:
+    """Peak resident memory of this process (VmHWM, Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def select_child(store_dir: str, out: str) -> None:
-    """Run in a subprocess: stream-select and write rows; print JSON with timing and peak RSS."""
-    from noisystudent.selection import reference_select_stream
+    """Run in a subprocess: select as the select stage does (select.mode reference, threshold
+    0.3) and write the rows; print JSON with timing and peak RSS."""
+    from noisystudent.config import SelectConfig
+    from noisystudent.rundir import save_tensors
+    from noisystudent.stages.select import select_rows
 
     store = PseudoLabelStore.load(store_dir)
-    chunks = lambda: ((s, ch["max_prob"], ch["pred"]) for s, ch in store.iter_chunks(chunk=1 << 18))  # noqa: E731
     t0 = time.time()
-    n_sel = 0
-    with open(out, "wb") as f:
-        for rows in reference_select_stream(chunks, store.num_classes, min_threshold=0.3, seed=0):
-            f.write(rows.numpy().astype(np.int64).tobytes())
-            n_sel += len(rows)
+    rows = select_rows(store, SelectConfig(threshold=0.3, mode="reference"), seed=0)
+    save_tensors(Path(out), {"rows": rows})
     dt = time.time() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = _vm_hwm_mb()
     print(
         json.dumps(
             {
                 "entries": len(store),
-                "selected": n_sel,
+                "selected": len(rows),
                 "seconds": dt,
                 "entries_per_s": len(store) / dt,  # store entries per second, both passes included
                 "peak_rss_mb": peak_mb,
@@ -103,11 +112,11 @@ def main() -> None:
     for n in args.sizes:
         d = Path(args.cache) / f"n{n}_c{c}"
         build = make_store(d, n, c)
-        files = list(d.glob("shard-*"))
+        files = list(d.glob(f"{SHARD_PREFIX}*"))
         label_bytes = sum(f.stat().st_size for f in files if f.suffix == ".safetensors")
         uid_bytes = sum(f.stat().st_size for f in files if f.suffix == ".uids")
         proc = subprocess.run(
-            [sys.executable, __file__, "--child", str(d), str(d / "selected.bin")],
+            [sys.executable, __file__, "--child", str(d), str(d / "selected_rows.safetensors")],
             capture_output=True,
             text=True,
             check=True,

@@ -6,13 +6,16 @@
 Measured side by side in one process (median of --reps):
   (a) plain loop: the same model, synthetic tensors in memory, fp32, eager, channels-first;
   (b) bare-model limit: the same synthetic tensors with the project's precision and memory
-      format (engine.autocast_dtype: bf16 only where the CPU/GPU runs it natively; channels_last);
-  (c) the project's real student training (engine.train) on CIFAR-10 JPEGs decoded through the
-      project's data code, RandAugment, the labeled + unlabeled (ratio 3) mix and logging;
-      A run this short is not compiled under the default `compile: auto`; a long run is, so
-      the same loop is also run with torch.compile for --compiled-steps steps and its
-      steady-state images/s (from the loop's own log lines) reported as `c_train_compiled`
-      with the ratios `train_compiled_vs_plain` and `train_compiled_vs_limit`;
+      format (runtime.autocast_dtype: bf16 only where the CPU/GPU runs it natively;
+      channels_last);
+  (c) the project's real student training (engine.train, as the train stage calls it) on
+      CIFAR-10 JPEGs decoded through the project's data code, RandAugment, the labeled +
+      unlabeled (ratio 3) mix, checkpoint and logging; a run this short is not compiled under
+      the default `compile: auto`; a long run is, so the same loop is also run with `compile:
+      on` for --compiled-steps steps and its steady-state images/s (from the loop's own log
+      lines, every engine.LOG_EVERY steps, after the first, which includes compiling) reported
+      as `c_train_compiled` with the ratios `train_compiled_vs_plain` and
+      `train_compiled_vs_limit`;
   (d) the project's real pseudo-labeling (labeling.label_shards: teacher inference + store
       shards written) of --label-images images (CIFAR-10-4k's 46,000 unlabeled by default,
       which `compile: auto` labels through the frozen compiled copy, compile time included),
@@ -43,7 +46,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from noisystudent import engine
 from noisystudent.augment import ViewDataset, batch_train_view
+from noisystudent.checkpoint import Checkpoint
 from noisystudent.config import TrainConfig
 from noisystudent.data import (
     ImageSet,
@@ -52,13 +57,16 @@ from noisystudent.data import (
     scan_class_folders,
     write_index,
 )
-from noisystudent.engine import autocast_dtype, configure, cpu_model, train
 from noisystudent.labeling import label_shards
 from noisystudent.models import create_model
 from noisystudent.rundir import RunDir
+from noisystudent.rundir.layout import SHARD_PREFIX
+from noisystudent.runtime import Runtime, autocast_dtype, cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "noisystudent" / "cifar10"
+# the CIFAR archive's class-folder sets (dataset folders, not run-directory ones)
+TRAIN = "train"
 
 
 def synthetic(model, x, y, steps, train_mode, amp, channels_last) -> float:
@@ -121,7 +129,8 @@ class ShardPeaks:
             self._check()
 
     def _check(self) -> None:
-        done = len(list(self.root.glob("*.safetensors"))) if self.root.is_dir() else 0
+        shards = self.root.glob(f"{SHARD_PREFIX}*.safetensors") if self.root.is_dir() else []
+        done = len(list(shards))
         while self.ok and len(self.peaks) < done:
             self.peaks.append(round(_vm_hwm_mb(), 1))
             _reset_hwm()
@@ -160,13 +169,13 @@ def memory_probe(args) -> None:
     images = load_set(tiled_index(args.data, args.memory_probe, work), "unlabeled")
     rss0 = _vm_hwm_mb()
     t = time.perf_counter()
-    trace = ShardPeaks(work / "pseudo")
-    label_shards(create_model(args.model, 10).eval(), images, args.size, work / "pseudo", 10, 10,
-                 1.0, {"bench": "1"}, 65536, 256, torch.device("cpu"))  # fmt: skip
+    trace = ShardPeaks(work / "store")
+    label_shards(create_model(args.model, 10).eval(), images, args.size, work / "store", 10, 10,
+                 1.0, {"bench": "1"}, 65536, 256, Runtime(torch.device("cpu")))  # fmt: skip
     wall = time.perf_counter() - t
     per_shard = trace.stop()
     peak = max([_vm_hwm_mb(), *per_shard])  # per_shard is empty where VmHWM cannot be reset
-    store = sum(f.stat().st_size for f in (work / "pseudo").rglob("*") if f.is_file())
+    store = sum(f.stat().st_size for f in (work / "store").rglob("*") if f.is_file())
     shutil.rmtree(work)
     print(json.dumps({"images": len(images), "peak_rss_mb": round(peak, 1),
                       "rss_before_labeling_mb": round(rss0, 1), "peak_per_shard_mb": per_shard,
@@ -206,9 +215,10 @@ def main() -> None:
         "--compiled-steps",
         type=int,
         default=120,
-        help="steps of the compiled student run (under 20: skip it)",
+        help=f"steps of the compiled student run (up to {engine.LOG_EVERY}: skip it; it needs "
+        f"a log line before its last one, every {engine.LOG_EVERY} steps)",
     )
-    ap.add_argument("--data", type=Path, default=CACHE / "train", help="CIFAR-10 class folders")
+    ap.add_argument("--data", type=Path, default=CACHE / TRAIN, help="CIFAR-10 class folders")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "throughput.json")
     ap.add_argument("--memory", action="store_true", help="also pseudo-label 50k and 500k images")
     ap.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)
@@ -220,7 +230,9 @@ def main() -> None:
             f"throughput: '{args.data}' not found; extract ../shared/data/cifar10-jpg.tar.gz there"
         )
     torch.manual_seed(0)
-    amp = autocast_dtype(torch.device("cpu"))
+    cpu = torch.device("cpu")
+    rt = Runtime(cpu)  # what a run on this CPU uses: precision auto, compile auto
+    amp = autocast_dtype(cpu, rt.precision)
     n_train = args.batch * 4  # labeled + 3x unlabeled in one forward pass
     x = torch.rand(n_train, 3, args.size, args.size)
     y = torch.randint(0, 10, (n_train,))
@@ -231,25 +243,27 @@ def main() -> None:
     n_need = max(n_train * max(args.steps, args.compiled_steps) + 4000, args.label_images)
     pick = np.random.default_rng(0).permutation(len(images))[:n_need]
     work = Path(tempfile.mkdtemp(prefix="ns-throughput-"))
-    images = decode_to_array(images.subset(pick), args.size, work / "cache", "bench", False)
+    images = decode_to_array(images.subset(pick), args.size, work / "decoded", "bench", False)
     n_l = 4000
     lab = images.subset(np.arange(n_l))
-    unl = images.subset(np.arange(n_l, n_l + n_train * args.steps))
-    unl_long = images.subset(np.arange(n_l, n_l + n_train * args.compiled_steps))
+    n_u = 3 * args.batch  # the unlabeled images of one step
+    unl = images.subset(np.arange(n_l, n_l + n_u * args.steps))
+    unl_long = images.subset(np.arange(n_l, n_l + n_u * args.compiled_steps))
     to_label = images.subset(np.arange(min(args.label_images, len(images))))
     per_image, batch_aug = batch_train_view(args.size, True, True, "rand-m9-n2")  # as train_stage
     tc = TrainConfig(epochs=1, batch_size=args.batch, ratio=3, randaugment="rand-m9-n2",
                      drop_rate=0.3, drop_path_rate=0.2, checkpoint_every_steps=0)  # fmt: skip
-    cpu = torch.device("cpu")
 
-    def student(run: RunDir, u: ImageSet, log_every: int) -> tuple[float, int]:
-        """The real student loop (engine.train) for one epoch over `u`; (seconds, steps)."""
+    def student(run: RunDir, u: ImageSet, rt: Runtime) -> tuple[float, int]:
+        """The real student loop (engine.train) for one epoch over `u`, with a checkpoint at the
+        epoch's end and its events in run's metrics, as the train stage has them; (seconds,
+        steps)."""
         targets = torch.softmax(torch.randn(len(u), 10), 1)
+        data = engine.TrainData(ViewDataset(lab, args.size, per_image), torch.from_numpy(lab.labels),
+                                ViewDataset(u, args.size, per_image), targets, batch_aug)  # fmt: skip
+        ckpt = Checkpoint(run.it(1).checkpoint, every=tc.checkpoint_every_steps)
         t = time.perf_counter()
-        out = train(new(), ViewDataset(lab, args.size, per_image), torch.from_numpy(lab.labels),
-                    tc, run.root / "train", run, "bench", 0, cpu,
-                    unlabeled=ViewDataset(u, args.size, per_image), targets=targets,
-                    progress=False, batch_aug=batch_aug, log_every=log_every)  # fmt: skip
+        out = engine.train(new(), data, tc, ckpt, run.logger("bench"), rt, 0, "bench")
         return time.perf_counter() - t, out.steps
 
     res: dict[str, list[float]] = {
@@ -261,31 +275,30 @@ def main() -> None:
         res["a_infer"].append(synthetic(new().eval(), xi, None, args.steps, False, None, False))
         res["b_infer"].append(synthetic(new().eval(), xi, None, args.steps, False, amp, True))
         # (c) one epoch of the real student loop: len(unl) // (3 * batch) = `steps` steps; a run
-        # this short is not compiled under `compile: auto` (engine.COMPILE_TRAIN_MIN_STEPS)
-        sec, steps = student(RunDir(work / f"run{r}"), unl, 50)
+        # this short is not compiled under `compile: auto` (runtime.COMPILE_TRAIN_MIN_STEPS)
+        sec, steps = student(RunDir(work / f"run{r}"), unl, rt)
         res["c_train"].append(steps * n_train / sec)
         # (d) real pseudo-labeling of --label-images images into store shards, with the
         # default `compile: auto` (compiled and frozen from 40,000 images, compile time included)
         t = time.perf_counter()
-        label_shards(new(), to_label, args.size, work / f"pseudo{r}", 10, 10, 1.0, {"bench": "1"},
-                     65536, 256, cpu)  # fmt: skip
+        label_shards(new(), to_label, args.size, work / f"store{r}", 10, 10, 1.0, {"bench": "1"},
+                     65536, 256, rt)  # fmt: skip
         res["d_label"].append(len(to_label) / (time.perf_counter() - t))
         print(json.dumps({k: round(v[-1], 1) for k, v in res.items()}), flush=True)
 
     # (c, long run) the student loop with torch.compile, as `compile: auto` does for runs of
     # >= COMPILE_TRAIN_MIN_STEPS steps: steady-state images/s from the loop's own log lines
-    # (every 10 steps, after the first, which includes compiling), and the compile time
+    # (every engine.LOG_EVERY steps, after the first, which includes compiling), and the
+    # compile time (the run's time less its steps after the 10th at the steady rate)
     compiled = {}
-    if args.compiled_steps >= 20:  # at least two log lines (every 10 steps)
-        configure("auto", "on", cpu)
+    if args.compiled_steps > engine.LOG_EVERY:  # at least two log lines
         run = RunDir(work / "run_compiled")
-        sec, steps = student(run, unl_long, 10)
+        sec, steps = student(run, unl_long, Runtime(cpu, rt.precision, "on"))
         ev = [e for e in run.metrics() if e.get("event") == "train"]
         rate = (ev[-1]["step"] - ev[0]["step"]) * n_train / (ev[-1]["time"] - ev[0]["time"])
         compiled = {"c_train_compiled": round(rate, 1), "steps": steps,
                     "compile_and_first_10_steps_s": round(sec - (steps - 10) * n_train / rate, 1),
                     "wall_s": round(sec, 1)}  # fmt: skip
-        configure("auto", "auto", cpu)
         print(json.dumps(compiled), flush=True)
 
     med = {k: round(statistics.median(v), 1) for k, v in res.items()}
