@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 from noisystudent.errors import UserError
+from noisystudent.rundir import write_json
 from noisystudent.rundir.layout import SHARD_PREFIX, STORE_META
+from noisystudent.runtime import cpu_model
 from noisystudent.store import PseudoLabelStore, default_topk, shard_ranges, write_meta, write_shard
 
 ROOT = Path(__file__).resolve().parent
@@ -154,8 +156,9 @@ def main() -> None:
             result[tags[-1]]["peak_rss_mb"] / result[tags[0]]["peak_rss_mb"], 3
         )
     result["command"] = "python bench/store_scale.py " + " ".join(sys.argv[1:])
+    result["cpu"], result["cores"] = cpu_model(), os.cpu_count()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(Path(args.out), result)  # atomic: a killed run leaves the old figures
     print(json.dumps(result, indent=2))
 
 

@@ -60,8 +60,8 @@ def test_only_the_missing_shard_is_relabeled(tiny_data, tmp_path, capsys):
 
 def test_a_tampered_shard_is_relabeled_never_reblessed(tiny_data, tmp_path, capsys):
     """Bytes changed inside a finished shard: nothing reads it (the selection refuses, naming
-    the stage to re-run); the re-run labels that shard again (the others are kept), and every
-    file equals the untouched run's, the selection included."""
+    the stage to re-run); the re-run labels that shard again (the others are kept), the
+    selection is made again, and every file equals the untouched run's."""
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("device: cpu\n")
     run_dir = tmp_path / "run"
@@ -86,7 +86,9 @@ def test_a_tampered_shard_is_relabeled_never_reblessed(tiny_data, tmp_path, caps
     assert main(["pseudo-label", str(cfg), *over]) == 0
     out = capsys.readouterr().out
     assert f"differs from the manifest (sha256): running {it0.stage('pseudo-label')} again" in out
-    assert main(["select", str(cfg), *over]) == 0  # made from these very shards: kept
+    n_select = sum(e.get("event") == "select" for e in run.metrics())
+    assert main(["select", str(cfg), *over]) == 0  # made again, from the re-labeled shards
+    assert sum(e.get("event") == "select" for e in run.metrics()) == n_select + 1
     after = _shard_files(root)
     relabeled = sorted(n for n in after if after[n] != mtimes.get(n))
     assert relabeled == [f"{shard_name(1)}.safetensors", f"{shard_name(1)}.uids"]

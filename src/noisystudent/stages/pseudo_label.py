@@ -64,3 +64,6 @@ def pseudo_label_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime
     run.log(stage=name, event="pseudo-label", count=len(store), audit_acc=audit["accuracy"])
     run.mark(name, "done", inputs=[paths.model], data=reads,
              outputs=store_files(paths.pseudo, shards) + [paths.audit])  # fmt: skip
+    # labels made again (a changed teacher or images, a damaged shard): their selection is made
+    # again too, from these very files, rather than kept because the bytes happen to match
+    run.manifest.forget(paths.stage("select"))
