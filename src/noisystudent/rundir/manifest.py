@@ -74,8 +74,11 @@ class Manifest:
         """Why stage `name`, marked done, must run again (one line), or None while it is done:
         every output still there with its recorded size and sha256, every input file and every
         image set in `data` unchanged since. Also None for a stage not marked done."""
-        if self.entry(name).get("status") != "done":
+        entry = self.entry(name)
+        if entry.get("status") != "done":
             return None
+        if entry.get("stale_because"):
+            return f"{entry['stale_because']} since {name} ran"
         changed = self.changed_data(name, data or {})
         if changed:
             return f"{' and '.join(changed)} data changed since {name} ran"
@@ -117,6 +120,7 @@ class Manifest:
             return
         m = self.read()
         entry = m["stages"].get(name, {})
+        entry.pop("stale_because", None)
         entry.update(status=status, time=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
         if inputs is not None:
             entry["inputs"] = [self.rel(p) for p in inputs]
@@ -152,6 +156,16 @@ class Manifest:
             ):
                 out.append(p)
         return out
+
+    def invalidate(self, name: str, because: str) -> None:
+        """Make stage `name` run again next time, saying `because` ("iter0/pseudo-label ran
+        again"): for a stage whose inputs were re-made even where their bytes came out equal."""
+        if dist.rank() != 0:
+            return
+        m = self.read()
+        if name in m["stages"]:
+            m["stages"][name]["stale_because"] = because
+            write_json(self.path, m)
 
     def forget(self, name: str) -> bool:
         """Drop stage `name` from the manifest, so it runs again next time (its files stay until

@@ -66,4 +66,4 @@ def pseudo_label_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime
              outputs=store_files(paths.pseudo, shards) + [paths.audit])  # fmt: skip
     # labels made again (a changed teacher or images, a damaged shard): their selection is made
     # again too, from these very files, rather than kept because the bytes happen to match
-    run.manifest.forget(paths.stage("select"))
+    run.manifest.invalidate(paths.stage("select"), f"{name} ran again")
