@@ -116,6 +116,10 @@ def test_failed_start_does_not_block_the_corrected_command(
         bad = ["train-teacher", cfg, *_teacher_only(tiny_data, run), "models=[cifar_resnt8]"]
         fixed = ["train-teacher", cfg, *_teacher_only(tiny_data, run)]
         assert "unknown model 'cifar_resnt8'" in _err(capsys, bad)
+        assert not run.exists()  # found before anything is written: nothing to be in the way
+        assert main(fixed) == 0, capsys.readouterr().err
+        assert RunLayout(run).it(0).model.is_file()
+        return
     else:
         extra = make_class_folders(tmp_path / "test2", 2)  # blue, green, red ...
         make_class_folders(extra, 2, classes=["purple"])  # ... and a class labeled lacks
@@ -185,7 +189,7 @@ def test_run_dir_under_a_read_only_folder(capsys, cfg, tiny_data, tmp_path):
 def test_existing_run_dir_that_became_read_only(capsys, cfg, tiny_data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     over = _teacher_only(tiny_data, run)
-    _err(capsys, ["train-teacher", cfg, *over, "models=[cifar_resnt8]"])  # lock, config.yaml
+    assert main(["train-teacher", cfg, *over]) == 0  # a run directory with a finished stage
     with _read_only(run, monkeypatch):
         err = _err(capsys, ["train-teacher", cfg, *over])
     assert f"run_dir '{run}' is not writable" in err and "give a folder you can write to" in err

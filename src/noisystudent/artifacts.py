@@ -3,7 +3,8 @@ results (eval, selection counts, summary). Stages, the report, robustness, the C
 benchmarks all read them through here; where each file lives is rundir/layout.py's business.
 
 The model file is safetensors (no code can ride along) with noisystudent's identity in its
-header (format, version, architecture, classes), so a file is checked on its own; model.json
+header (format, version, architecture, classes, image size), so a file is checked on its own
+and tells how to feed it (files without the image size in it use model.json's); model.json
 beside it describes the model for people and tools.
 """
 
@@ -36,9 +37,11 @@ def _minor(version: str) -> str:
 
 
 def model_meta(name: str, iteration: int, classes: list[str], image_size: int, model: Classifier,
-               drop_rate: float | None, drop_path_rate: float | None) -> dict[str, Any]:  # fmt: skip
-    """model.json's content."""
-    return {
+               drop_rate: float | None, drop_path_rate: float | None,
+               pretrained: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """model.json's content. `pretrained`: what a warm-started teacher was initialised from
+    (teacher.pretrained: source, tensors loaded, head keys re-initialised); absent otherwise."""
+    meta = {
         "name": name,
         "iteration": iteration,
         "num_classes": len(classes),
@@ -49,6 +52,9 @@ def model_meta(name: str, iteration: int, classes: list[str], image_size: int, m
         "drop_path_rate": drop_path_rate,
         "noisystudent_version": __version__,
     }
+    if pretrained is not None:
+        meta["pretrained"] = pretrained
+    return meta
 
 
 def save_model(paths: ModelPaths, model: Classifier, meta: dict[str, Any]) -> list:
@@ -59,6 +65,7 @@ def save_model(paths: ModelPaths, model: Classifier, meta: dict[str, Any]) -> li
         "name": str(meta["name"]),
         "num_classes": str(meta["num_classes"]),
         "classes": json.dumps(meta["classes"]),
+        "image_size": str(meta["image_size"]),
         "noisystudent_version": str(meta["noisystudent_version"]),
     }
     save_tensors(paths.model, model.state_dict(), meta=header)
@@ -89,19 +96,24 @@ def load_model(run: RunDir, i: int, role: str = "teacher", expect_name: str | No
     meta = read_json(p.model_meta)
     head = _header(path)
     found = {"architecture": head.get("name"), "classes": json.loads(head.get("classes", "null"))}
+    if "image_size" in head:  # files written before the header carried it: model.json's
+        found["image_size"] = int(head["image_size"])
+    mine = {"architecture": meta.get("name"), "classes": meta.get("classes"),
+            "image_size": meta.get("image_size")}  # fmt: skip
     checks = [
-        ("its model.json", {"architecture": meta.get("name"), "classes": meta.get("classes")}),
+        ("its model.json", mine),
         ("this run", {"architecture": expect_name, "classes": expect_classes}),
     ]
     for against, want in checks:
         diff = [f"{k} {found[k]!r} vs {want[k]!r}" for k in found
-                if want[k] is not None and want[k] != found[k]]  # fmt: skip
+                if want.get(k) is not None and want[k] != found[k]]  # fmt: skip
         if diff:
             hint = "" if against == "this run" else " (files mixed up?)"
             raise UserError(
                 f"{role} checkpoint '{path}' does not match {against}{hint}: {'; '.join(diff)}; "
                 f"use the run directory it was made in, or retrain"
             )
+    meta = {**meta, "image_size": found.get("image_size", meta.get("image_size"))}
     rec = run.manifest.output_record(path)
     if rec is not None and (
         path.stat().st_size != rec["size"] or sha256_file(path) != rec["sha256"]
@@ -214,6 +226,8 @@ def summary_rows(run: RunDir, models: list[str]) -> list[dict[str, Any]]:
             "kept_unique_fraction": counts.get("kept_unique_fraction"),
             "wall_s": stages.get(run.it(i).stage("train"), {}).get("wall_s"),
         }
+        if meta.get("pretrained"):  # a warm-started teacher: where its weights came from
+            row["pretrained"] = meta["pretrained"]
         ft = read_eval(run.it(i).finetune)
         if ft:  # FixRes fine-tune at a higher resolution
             row["finetune_top1"] = ft.get("top1")

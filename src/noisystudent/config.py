@@ -77,6 +77,11 @@ class TrainConfig:
     sync_bn: bool = (
         False  # torchrun on GPUs: SyncBatchNorm across ranks (batch stats of the global batch)
     )
+    # teacher only: the first teacher's initial weights. null: random (from the seed); true:
+    # timm's own pretrained weights (timm model names; downloaded or from the Hugging Face
+    # cache); or a weights file: safetensors, a torch state dict, a timm checkpoint, another
+    # run's model.safetensors. The classifier head is re-made when the classes differ.
+    pretrained: bool | str | None = None
 
 
 def _default_teacher() -> TrainConfig:
@@ -241,6 +246,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if isinstance(value, bool) and bool in inner:  # e.g. `bool | str | None`: true/false
+            return value
+        inner = [a for a in inner if a is not bool] or inner
         return _coerce(value, inner[0], key)
     if origin is list:
         if isinstance(value, str):
@@ -415,6 +423,7 @@ def _validate(cfg: Config) -> None:
                 f"config key '{key}.randaugment' must be a timm RandAugment string like "
                 f"'rand-m9-n2', got {t.randaugment!r}"
             )
+    _validate_pretrained(cfg)
     pairs = list(zip(cfg.models, cfg.models[1:], strict=False))
     if cfg.student.init == "teacher" and any(t != s for t, s in pairs):
         t, s = next((t, s) for t, s in pairs if t != s)
@@ -428,6 +437,29 @@ def _validate(cfg: Config) -> None:
             f"config key 'finetune.image_size' must be larger than data.image_size "
             f"({cfg.data.image_size}) when finetune.enabled is true, got {ft.image_size!r}"
         )
+
+
+def _validate_pretrained(cfg: Config) -> None:
+    """teacher.pretrained: false means null; only the first teacher has it; true only for timm."""
+    if cfg.teacher.pretrained is False or cfg.teacher.pretrained == "":
+        cfg.teacher.pretrained = None
+    if cfg.student.pretrained is False or cfg.student.pretrained == "":
+        cfg.student.pretrained = None
+    if cfg.student.pretrained is not None:
+        raise UserError(
+            "config key 'student.pretrained' is not used: only the first teacher starts from "
+            "pretrained weights (teacher.pretrained); students start from scratch or from their "
+            "teacher (student.init)"
+        )
+    if cfg.teacher.pretrained is True:
+        from .models import is_builtin  # lazy: models imports timm
+
+        if is_builtin(cfg.models[0]):
+            raise UserError(
+                f"teacher.pretrained=true loads timm's own pretrained weights, which exist only "
+                f"for timm models, and models[0] '{cfg.models[0]}' is a built-in model; give a "
+                f"weights file (teacher.pretrained=PATH) or a timm model name"
+            )
 
 
 def load_config(

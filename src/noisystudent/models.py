@@ -112,6 +112,10 @@ class SmallResNet(nn.Module):
             x = F.dropout(x, self.drop_rate, self.training)
         return self.fc(x)
 
+    def get_classifier(self) -> nn.Module:
+        """The classifier head (timm's name for it)."""
+        return self.fc
+
 
 # EfficientNet for small images as the reference code builds it for 32x32 data: the B0 stages
 # with stride 1 (not 2) in stages 2 and 3, scaled by the B-size table; per-size dropout and
@@ -194,6 +198,21 @@ MODELS_LISTED = (
 _BUILTIN_PATTERN = re.compile(r"efficientnet_small_b[0-7]|cifar_resnet\d+|wrn\d+_\d+")
 
 
+def is_builtin(name: str) -> bool:
+    """A built-in name (not timm's): no timm pretrained weights exist for it."""
+    return bool(_BUILTIN_PATTERN.fullmatch(name))
+
+
+def head_modules(net: nn.Module) -> list[str]:
+    """The module names of a network's classifier head(s), e.g. ["fc"] or ["head.fc"]: what
+    `get_classifier()` returns (timm's API; the built-ins have it too), found among its modules."""
+    get = getattr(net, "get_classifier", None)
+    heads = get() if callable(get) else None
+    heads = heads if isinstance(heads, (tuple, list)) else [heads]
+    ids = {id(h) for h in heads if isinstance(h, nn.Module)}
+    return [n for n, m in net.named_modules() if n and id(m) in ids]
+
+
 def is_known_model(name: str) -> bool:
     """A built-in name (its depth is checked when built) or a timm model name."""
     return bool(_BUILTIN_PATTERN.fullmatch(name)) or timm.is_model(name)
@@ -227,17 +246,22 @@ class Classifier(nn.Module):
 
 
 def create_model(
-    name: str, num_classes: int, drop_rate: float | None = None, drop_path_rate: float | None = None
+    name: str,
+    num_classes: int,
+    drop_rate: float | None = None,
+    drop_path_rate: float | None = None,
+    pretrained: bool = False,
 ) -> Classifier:
-    """A built-in small-image model or any timm model by name (random init, nothing downloaded).
-    None for drop_rate/drop_path_rate keeps the model's own default."""
+    """A built-in small-image model or any timm model by name (random init, nothing downloaded;
+    `pretrained`: timm's own weights, its head re-made for `num_classes` by timm, timm models
+    only). None for drop_rate/drop_path_rate keeps the model's own default."""
     net = _builtin(name, num_classes, drop_rate, drop_path_rate)
     if net is None:
         if not timm.is_model(name):
             raise UserError(unknown_model_message(name))
         kwargs = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate}
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        net = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        net = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     return Classifier(net)
 
 

@@ -47,6 +47,7 @@ def open_data(cfg: Config, run: RunDir, rt: Runtime) -> Data:
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
     """Run (or resume) every stage; returns summary.json's content ({} on ranks other than 0)."""
+    check_model_names(cfg)
     rt = from_config(cfg)
     try:
         return _run_pipeline(cfg, rt)
@@ -133,6 +134,14 @@ def pseudo_line(run: RunDir, i: int) -> str:
     )
 
 
+def check_model_names(cfg: Config) -> None:
+    """Every entry of `models` is a known model, before anything is written: a typo in any of
+    them is reported by every command, and leaves no run directory behind."""
+    for k, name in enumerate(cfg.models):
+        if not is_known_model(name):
+            raise UserError(unknown_model_message(name, f"models[{k}]"))
+
+
 def run_stage(cmd: str, cfg: Config, i: int) -> None:
     """One stage (`noisystudent train-teacher`, `pseudo-label`, ...). Under torchrun, training and
     pseudo-labeling use every rank; the other stages run on rank 0 only."""
@@ -140,9 +149,7 @@ def run_stage(cmd: str, cfg: Config, i: int) -> None:
         raise UserError(f"--iteration {i} is outside models[0..{len(cfg.models) - 1}]")
     if cmd == "train-student" and i < 1:
         raise UserError("train-student needs --iteration >= 1 (iteration 0 is the teacher)")
-    for k, name in enumerate(cfg.models):  # a typo in any of them is reported by every command
-        if not is_known_model(name):
-            raise UserError(unknown_model_message(name, f"models[{k}]"))
+    check_model_names(cfg)
     rt = from_config(cfg)
     try:
         run = open_run(cfg)

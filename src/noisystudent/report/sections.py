@@ -88,6 +88,9 @@ def section_config(run: RunFiles) -> str:
         t, s = getattr(cfg.teacher, key), getattr(cfg.student, key)
         if key in ("ratio", "init"):
             t = "–"  # the teacher trains on labeled data only, from scratch
+            pre = getattr(cfg.teacher, "pretrained", None) if key == "init" else None
+            if pre is not None:  # ... or warm-started (teacher.pretrained)
+                t = "pretrained: timm's weights" if pre is True else f"pretrained: {pre}"
         rows.append([label, show(key, t) if t != "–" else t, show(key, s)])
     full = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     return (

@@ -17,6 +17,9 @@
                            used to train model i+1
         robustness/        results.json, predictions.safetensors (robustness stage)
         finetune/          the FixRes fine-tune of model i: its own model, eval and train/
+        eval_<set>.json    model i on another labeled set (`evaluate --test-dir`), its confusion
+        export/            model i exported (`noisystudent export`): model.onnx / model.pt, each
+                           with <file>.json beside it (classes, image size, the evaluation view)
 
 Stages, the report, the CLI and the benchmarks ask `RunLayout` / `IterPaths` for a path; none
 of them joins a file name onto a run directory itself. Stage names in the manifest ("iter0/train")
@@ -119,6 +122,16 @@ class IterPaths(ModelPaths):
     @property
     def finetune(self) -> ModelPaths:
         return ModelPaths(self.dir / "finetune")
+
+    # model i on another labeled set, and model i exported (both made on request, not stages)
+    def eval_on(self, name: str) -> Path:
+        """Results of `evaluate --test-dir` on the set `name` (a file-name-safe word)."""
+        return self.dir / f"eval_{name}.json"
+
+    def export(self, suffix: str) -> Path:
+        """The default file of `noisystudent export` (suffix ".onnx", ".pt"); its description
+        is beside it, the same name with ".json" appended."""
+        return self.dir / "export" / f"model{suffix}"
 
 
 def robustness_files(folder: Path) -> tuple[Path, Path]:

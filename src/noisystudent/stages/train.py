@@ -18,6 +18,7 @@ from ..models import count_params, create_model
 from ..rundir import RunDir, load_tensors, sha256_file
 from ..runtime import Runtime
 from ..store import PseudoLabelStore
+from ..warmstart import describe, pretrained_teacher
 from .select import require_pseudo_labels
 
 
@@ -93,9 +94,17 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime) -> No
     log = run.logger(name)
     tc = cfg.teacher if i == 0 else cfg.student
     torch.manual_seed(cfg.seed * 1000 + i)  # the initial weights are a function of the seed
-    model = create_model(cfg.models[i], len(data.classes), tc.drop_rate, tc.drop_path_rate)
-    aug, batch_aug = train_view(tc, data, cfg.data.hflip)
     inputs: list[Path] = []
+    warm = None  # teacher.pretrained: what was loaded (model.json, summary, metrics)
+    if i == 0 and tc.pretrained is not None:
+        model, warm, inputs = pretrained_teacher(cfg.models[i], data.classes, tc.drop_rate,
+                                                 tc.drop_path_rate, tc.pretrained)  # fmt: skip
+        log(event="init", init="pretrained", **warm)
+        if rt.is_main:
+            print(f"[iter {i}] {describe(warm, len(data.classes))}")
+    else:
+        model = create_model(cfg.models[i], len(data.classes), tc.drop_rate, tc.drop_path_rate)
+    aug, batch_aug = train_view(tc, data, cfg.data.hflip)
     unl_ds, targets = None, None
     if i > 0:
         idx, targets, inputs = selected_images(cfg, run, data, i)
@@ -128,7 +137,7 @@ def train_stage(cfg: Config, run: RunDir, data: Data, i: int, rt: Runtime) -> No
     if res.ema is not None:  # the EMA weights are the model: evaluated, and labeling as teacher
         model = res.ema
     meta = model_meta(cfg.models[i], i, data.classes, data.size, model, tc.drop_rate,
-                      tc.drop_path_rate)  # fmt: skip
+                      tc.drop_path_rate, pretrained=warm)  # fmt: skip
     outputs = save_model(paths, model, meta)
     log(event="done", wall_s=res.wall_s, final_loss=res.final_loss)
     run.mark(name, "done", outputs=outputs, data=reads, wall_s=round(res.wall_s, 2))
