@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __version__
 from .errors import UserError
-from .models import Classifier, count_params, create_model
+from .models import Classifier, count_params, create_model, key_differences
 from .rundir import (
     ModelPaths,
     RunDir,
@@ -143,22 +143,7 @@ def _state_dict_differences(model: Classifier, tensors: dict, err: Exception) ->
     unexpected = [k for k in tensors if k not in want]
     sizes = [k for k in want if k in tensors and tuple(tensors[k].shape) != tuple(want[k].shape)]
 
-    def first(keys: list[str]) -> str:
-        more = f", ... ({len(keys) - 3} more)" if len(keys) > 3 else ""
-        return ", ".join(keys[:3]) + more
-
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} key(s) missing from the file ({first(missing)})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s) in the file ({first(unexpected)})")
-    if sizes:
-        k = sizes[0]
-        parts.append(
-            f"{len(sizes)} size mismatch(es), first '{k}': {list(tensors[k].shape)} in the file "
-            f"vs {list(want[k].shape)} in the model"
-        )
-    return "; ".join(parts) or " ".join(str(err).split())
+    return key_differences(missing, unexpected, sizes, tensors, want) or " ".join(str(err).split())
 
 
 def _header(path) -> dict[str, str]:

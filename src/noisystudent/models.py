@@ -324,3 +324,27 @@ def freeze(net: nn.Module, k: int) -> int:
             p.requires_grad_(False)
             n += p.numel()
     return n
+
+
+def key_differences(missing: list[str], unexpected: list[str], sizes: list[str],
+                    tensors: dict, want: dict) -> str:  # fmt: skip
+    """One line on how a file's tensors differ from a model's state dict: missing and unexpected
+    key counts with the first few names, the first size mismatch with both shapes ("" if none).
+    Used wherever weights from a file are refused (model files, pretrained weights)."""
+
+    def first(keys: list[str]) -> str:
+        more = f", ... ({len(keys) - 3} more)" if len(keys) > 3 else ""
+        return ", ".join(keys[:3]) + more
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} key(s) missing from the file ({first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) in the file ({first(unexpected)})")
+    if sizes:
+        k = sizes[0]
+        parts.append(
+            f"{len(sizes)} size mismatch(es), first '{k}': {list(tensors[k].shape)} in the file "
+            f"vs {list(want[k].shape)} in the model"
+        )
+    return "; ".join(parts)

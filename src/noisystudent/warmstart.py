@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .models import Classifier, create_model, head_modules
+from .models import Classifier, create_model, head_modules, key_differences
 from .rundir import sha256_file
 
 _WRAPPERS = ("state_dict", "model")  # where timm / common training scripts keep the weights
@@ -179,7 +179,7 @@ def load_into(model: Classifier, tensors: dict[str, torch.Tensor], path: Path, n
         made = f" (the file is noisystudent model '{arch}')" if arch and arch != name else ""
         raise UserError(
             f"teacher.pretrained: '{path}'{made} does not fit model '{name}' outside its "
-            f"classifier head: {_differences(missing, unexpected, sizes, tensors, want)}; use "
+            f"classifier head: {key_differences(missing, unexpected, sizes, tensors, want)}; use "
             f"weights of this architecture, or set models[0] to the file's"
         )
     file_classes = None
@@ -195,26 +195,6 @@ def load_into(model: Classifier, tensors: dict[str, torch.Tensor], path: Path, n
     net.load_state_dict({k: tensors[k] for k in take}, strict=False)
     reinit = [] if head_fits else [k for k in want if k in heads]
     return len(take), reinit
-
-
-def _differences(missing: list[str], unexpected: list[str], sizes: list[str],
-                 tensors: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> str:  # fmt: skip
-    def first(keys: list[str]) -> str:
-        more = f", ... ({len(keys) - 3} more)" if len(keys) > 3 else ""
-        return ", ".join(keys[:3]) + more
-
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} key(s) missing from the file ({first(missing)})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s) in the file ({first(unexpected)})")
-    if sizes:
-        k = sizes[0]
-        parts.append(
-            f"{len(sizes)} size mismatch(es), first '{k}': {list(tensors[k].shape)} in the file "
-            f"vs {list(want[k].shape)} in the model"
-        )
-    return "; ".join(parts)
 
 
 def describe(record: dict[str, Any], num_classes: int) -> str:
