@@ -104,19 +104,25 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
+def extract(tar: Path, cache: Path, who: str = "cifar10_ssl") -> None:
+    """The CIFAR-10 JPEG class folders (train/, test/) under `cache`, extracted once."""
+    if (cache / TRAIN).is_dir() and (cache / TEST).is_dir():
+        return
+    if not tar.is_file():
+        sys.exit(f"{who}: data archive '{tar}' not found; pass --data")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tar) as tf:
+        tf.extractall(cache, filter="data")
+    inner = [d for d in cache.iterdir() if d.is_dir() and (d / TRAIN).is_dir()]
+    for d in inner:  # archive with a top folder: lift train/ and test/
+        for sub in (TRAIN, TEST):
+            shutil.move(str(d / sub), cache / sub)
+
+
 def prepare(tar: Path, cache: Path, quick: bool, per_class: int = PER_CLASS) -> dict[str, Path]:
     """Extract the JPEG class folders once, then split `per_class` labels per class with the
     CLI (folders split4k and quick for the protocol's 400, split<N>pc and quick<N>pc else)."""
-    if not (cache / TRAIN).is_dir():
-        if not tar.is_file():
-            sys.exit(f"cifar10_ssl: data archive '{tar}' not found; pass --data")
-        cache.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(tar) as tf:
-            tf.extractall(cache, filter="data")
-        inner = [d for d in cache.iterdir() if d.is_dir() and (d / TRAIN).is_dir()]
-        for d in inner:  # archive with a top folder: lift train/ and test/
-            for sub in (TRAIN, TEST):
-                shutil.move(str(d / sub), cache / sub)
+    extract(tar, cache)
     suffix = "" if per_class == PER_CLASS else f"{per_class}pc"
     split = cache / (f"split{per_class}pc" if suffix else "split4k")
     if not (split / "labeled.tsv").is_file():

@@ -38,7 +38,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -55,16 +54,11 @@ LAST_LINE = re.compile(r"predicted (\d+) images in ([\d.]+)s \(([\d.]+) images/s
 
 
 def extract(tar: Path, cache: Path) -> Path:
-    """The CIFAR-10 test class folders, extracted once (as bench/cifar10_ssl.py's prepare)."""
-    if not (cache / TEST).is_dir():
-        if not tar.is_file():
-            sys.exit(f"predict_throughput: data archive '{tar}' not found; pass --data")
-        cache.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(tar) as tf:
-            tf.extractall(cache, filter="data")
-        for d in [d for d in cache.iterdir() if d.is_dir() and (d / TEST).is_dir()]:
-            for sub in ("train", TEST):  # archive with a top folder: lift train/ and test/
-                shutil.move(str(d / sub), cache / sub)
+    """The CIFAR-10 test class folders, extracted once by bench/cifar10_ssl.py's helper."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+    from cifar10_ssl import extract as extract_cifar
+
+    extract_cifar(tar, cache, "predict_throughput")
     return cache / TEST
 
 
