@@ -69,3 +69,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run the CLI and require what every input error must give: exit status 2 and one line on
+    stderr, no traceback. Returns that line."""
+    from noisystudent.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    """A minimal config file for CLI tests (the rest comes as key=value overrides)."""
+    p = tmp_path / "cfg.yaml"
+    p.write_text("seed: 0\n")
+    return str(p)

@@ -13,23 +13,8 @@ from noisystudent.cli import main
 from noisystudent.rundir import RunLayout, read_lines_json
 
 from .conftest import make_class_folders, tiny_overrides
+from .conftest import one_line_error as _err
 from .test_rundir_io import _faulty_writes
-
-
-def _err(capsys, argv):
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    return err
-
-
-@pytest.fixture
-def cfg(tmp_path):
-    p = tmp_path / "cfg.yaml"
-    p.write_text("seed: 0\n")
-    return str(p)
 
 
 def test_missing_folder(capsys, cfg, tiny_data, tmp_path):

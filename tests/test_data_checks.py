@@ -15,22 +15,7 @@ from noisystudent.data import load_set, overlap, scan_class_folders, split_datas
 from noisystudent.errors import UserError
 
 from .conftest import make_class_folders, tiny_overrides
-
-
-def _err(capsys, argv):
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    return err
-
-
-@pytest.fixture
-def cfg(tmp_path):
-    p = tmp_path / "cfg.yaml"
-    p.write_text("seed: 0\n")
-    return str(p)
+from .conftest import one_line_error as _err
 
 
 def _argv(cfg, data, run_dir, *extra):

@@ -18,6 +18,7 @@ from noisystudent.models import create_model, head_modules
 from noisystudent.rundir import RunLayout, load_tensors, read_json, read_lines_json
 from noisystudent.warmstart import head_keys
 
+from .conftest import one_line_error as _err
 from .conftest import tiny_overrides
 from .helpers import Malicious
 
@@ -74,15 +75,6 @@ def _argv(data, run, *extra, models="[cifar_resnet8]"):
 @pytest.fixture
 def cfg_file(tmp_path):
     (tmp_path / "cfg.yaml").write_text("seed: 0\n")
-
-
-def _err(capsys, argv):
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 @pytest.mark.parametrize("kind", ["safetensors", "torch", "timm_checkpoint", "noisystudent"])
