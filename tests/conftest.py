@@ -90,3 +90,24 @@ def cfg(tmp_path):
     p = tmp_path / "cfg.yaml"
     p.write_text("seed: 0\n")
     return str(p)
+
+
+# A teacher and one student on the built-in digits at 8x8: a few seconds on a laptop CPU (the
+# demo run of the report, predict and export tests).
+TINY_DEMO = [
+    "models=[cifar_resnet8,cifar_resnet8]",
+    "data.dataset=digits",
+    "data.image_size=8",
+    "data.labels_per_class=10",
+    "data.hflip=false",
+    "teacher.epochs=3",
+    "teacher.batch_size=10",
+    "teacher.warmup_epochs=0",
+    "student.epochs=1",
+    "student.batch_size=25",
+    "student.ratio=2",
+    "student.randaugment=null",
+    "select.threshold=0.0",  # a briefly trained teacher is not confident: keep every image
+    "device=cpu",
+    "progress=false",
+]

@@ -27,7 +27,7 @@ from noisystudent.data import digits_sets
 from noisystudent.export import description_path
 from noisystudent.rundir import RunDir, RunLayout, read_json
 
-from .test_report import TINY
+from .conftest import TINY_DEMO
 
 AGREE = re.compile(r"argmax agreement 100\.00% \((\d+)/\1\), max abs probability diff\w* (\S+) ")
 
@@ -40,7 +40,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            assert cli.main(["demo", f"run_dir={root}", *TINY]) == 0
+            assert cli.main(["demo", f"run_dir={root}", *TINY_DEMO]) == 0
     finally:
         torch.set_num_threads(threads)
     return root

@@ -30,26 +30,8 @@ from noisystudent.inputs import load_data
 from noisystudent.models import create_model
 from noisystudent.rundir import ModelPaths, RunDir, RunLayout, read_json, tensors_metadata
 
+from .conftest import TINY_DEMO
 from .helpers import truncated_png
-
-# One teacher and one student on the built-in digits at 8x8 (as tests/test_report.py's run).
-TINY = [
-    "models=[cifar_resnet8,cifar_resnet8]",
-    "data.dataset=digits",
-    "data.image_size=8",
-    "data.labels_per_class=10",
-    "data.hflip=false",
-    "teacher.epochs=3",
-    "teacher.batch_size=10",
-    "teacher.warmup_epochs=0",
-    "student.epochs=1",
-    "student.batch_size=25",
-    "student.ratio=2",
-    "student.randaugment=null",
-    "select.threshold=0.0",
-    "device=cpu",
-    "progress=false",
-]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +46,7 @@ def one_thread_module():
 def tiny_run(tmp_path_factory, one_thread_module) -> Path:
     root = tmp_path_factory.mktemp("tiny") / "run"
     with contextlib.redirect_stdout(io.StringIO()):
-        assert cli.main(["demo", f"run_dir={root}", *TINY]) == 0
+        assert cli.main(["demo", f"run_dir={root}", *TINY_DEMO]) == 0
     return root
 
 

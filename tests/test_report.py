@@ -25,26 +25,10 @@ from noisystudent.pipeline import run_pipeline
 from noisystudent.report import SECTIONS, build_report, report_path
 from noisystudent.rundir import RunLayout, read_json
 
+from .conftest import TINY_DEMO
+
 pytest.importorskip("matplotlib")
 
-# One teacher and one student on the built-in digits at 8x8: a few seconds on a laptop CPU.
-TINY = [
-    "models=[cifar_resnet8,cifar_resnet8]",
-    "data.dataset=digits",
-    "data.image_size=8",
-    "data.labels_per_class=10",
-    "data.hflip=false",
-    "teacher.epochs=3",
-    "teacher.batch_size=10",
-    "teacher.warmup_epochs=0",
-    "student.epochs=1",
-    "student.batch_size=25",
-    "student.ratio=2",
-    "student.randaugment=null",
-    "select.threshold=0.0",  # a briefly trained teacher is not confident: keep every image
-    "device=cpu",
-    "progress=false",
-]
 
 ROBUSTNESS = {
     "clean_top1": 91.5,
@@ -133,7 +117,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            assert cli.main(["demo", f"run_dir={root}", *TINY]) == 0
+            assert cli.main(["demo", f"run_dir={root}", *TINY_DEMO]) == 0
     finally:
         torch.set_num_threads(threads)
     (root.parent / "demo_stdout.txt").write_text(out.getvalue())
@@ -270,7 +254,7 @@ def test_report_failure_keeps_the_run(
         raise RuntimeError("boom")
 
     monkeypatch.setattr("noisystudent.report.build_report", broken)
-    cfg = load_config(None, TINY + [f"run_dir={run}"], base=DEMO_CONFIG)
+    cfg = load_config(None, TINY_DEMO + [f"run_dir={run}"], base=DEMO_CONFIG)
     summary = run_pipeline(cfg)  # all stages done: only the summary and the report run
     assert len(summary["iterations"]) == 2
     err = capsys.readouterr().err
